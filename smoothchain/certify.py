@@ -1,0 +1,216 @@
+"""Certificates for models: chain constants (RH Prop. 4.4 / Cor. 4.5) and objective (Prop. 4.2, Thm 4.1).
+
+:func:`build_chain` turns a model -- a built-in name, a component list, an ``nn.Module`` or a
+:class:`~smoothchain.chain.Chain` -- into a chain of constants; :func:`certify` runs the
+recursions and returns a frozen :class:`Certificate`.  PyTorch is imported only for modules.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from .chain import Chain, ChainError
+from .components import Component, build_layers, propagate_shapes
+from .models import BuiltinModel, builtin
+from .objective import LossConstants, ObjectiveBounds, loss_constants, objective_bounds
+from .recursion import ChainBounds, chain_bounds
+from .spec import json_number
+
+__all__ = ["Certificate", "certify", "certify_chain", "build_chain", "parse_input_shape"]
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """A certificate: the chain's table and bounds, the objective's smoothness and rates."""
+
+    chain: Chain
+    bounds: ChainBounds
+    objective: ObjectiveBounds
+    mode: str
+    loss: str
+    batch_size: int | None = None
+    model: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``--json`` document of DESIGN.md (infinite values as the string "inf")."""
+        o = self.objective
+        return {
+            "layers": [
+                {
+                    "index": r.index,
+                    "name": r.name,
+                    "output_bound": json_number(r.output_bound),
+                    "lipschitz": json_number(r.lipschitz),
+                    "smoothness": json_number(r.smoothness),
+                }
+                for r in self.bounds.layers
+            ],
+            "chain": {
+                "output_bound": json_number(self.bounds.output_bound),
+                "lipschitz": json_number(self.bounds.lipschitz),
+                "smoothness": json_number(self.bounds.smoothness),
+            },
+            "objective": {
+                "loss_lipschitz": json_number(o.loss_lipschitz),
+                "loss_smoothness": json_number(o.loss_smoothness),
+                "smoothness": json_number(o.smoothness),
+                "step_size": json_number(o.step_size),
+                "iterations": json_number(o.iterations),
+            },
+            "settings": {
+                "model": self.model,
+                "constants": self.mode,
+                "loss": self.loss,
+                "batch_size": self.batch_size,
+                "radius": json_number(self.chain.radius),
+                "input_norm": json_number(self.chain.input_norm),
+                "centre": self.chain.centre,
+                "l2": json_number(o.regularization_smoothness),
+                "epsilon": json_number(o.epsilon),
+                "gap": json_number(o.gap),
+            },
+        }
+
+
+def parse_input_shape(text: str | Sequence[int]) -> tuple[int, ...]:
+    """``"3,224,224"`` or ``"64"`` -> a per-example shape tuple."""
+    if not isinstance(text, str):
+        return tuple(int(s) for s in text)
+    try:
+        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
+    except ValueError:
+        raise ChainError(f"--input-shape must look like C,H,W or D, got {text!r}") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise ChainError(f"--input-shape must be positive integers like C,H,W or D, got {text!r}")
+    return shape
+
+
+def build_chain(
+    model: Any,
+    *,
+    input_shape: Sequence[int] | None = None,
+    batch_size: int = 1,
+    mode: str = "paper",
+    radius: float = 1.0,
+    input_norm: float = 1.0,
+    around_weights: bool = False,
+    bn_eps: float = 1e-5,
+) -> Chain:
+    """The chain of constants of ``model`` (RH Def. 2.1 with App. B constants).
+
+    ``model``: a built-in name (see :mod:`smoothchain.models`), a :class:`BuiltinModel`, a list
+    of components, an ``nn.Module`` (chain-like), or a :class:`Chain` (returned with the given
+    radius/input norm).  ``around_weights`` centres the balls at the module's current weights
+    (RH Cor. 4.5); it needs an ``nn.Module``.
+    """
+    if radius is None or not isinstance(radius, (int, float)) or math.isnan(radius) or radius < 0:
+        raise ChainError(f"--radius must be >= 0, got {radius}")
+    if batch_size < 1:
+        raise ChainError(f"--batch-size must be >= 1, got {batch_size}")
+    if isinstance(model, Chain):
+        chain = model.with_options(radius=radius, input_norm=input_norm)
+        return chain.around_weights() if around_weights else chain
+    if isinstance(model, str):
+        model = builtin(model, bn_eps=bn_eps)
+    names = None
+    weight_norms = None
+    if isinstance(model, BuiltinModel):
+        if around_weights:
+            from .torch_chain import torch_module
+
+            return build_chain(
+                torch_module(model.components), input_shape=input_shape or model.input_shape,
+                batch_size=batch_size, mode=mode, radius=radius, input_norm=input_norm, around_weights=True,
+            )
+        components, names = list(model.components), list(model.names)
+        shapes = propagate_shapes(components, input_shape or model.input_shape)
+    elif isinstance(model, (list, tuple)) and all(isinstance(c, Component) for c in model):
+        if input_shape is None:
+            raise ChainError("a component list needs input_shape")
+        components = list(model)
+        shapes = propagate_shapes(components, input_shape)
+    else:
+        from torch import nn
+
+        if not isinstance(model, nn.Module):
+            raise ChainError(f"cannot certify {type(model).__name__}: give a model name, components, an nn.Module or a Chain")
+        if input_shape is None:
+            input_shape = getattr(model, "input_shape", None)
+            if input_shape is None:
+                raise ChainError("an nn.Module needs --input-shape (per example, e.g. 3,32,32 or 784)")
+        from .torch_chain import components_from_module
+
+        mc = components_from_module(model, input_shape, batch_size)
+        components, names, shapes = list(mc.components), list(mc.names), list(mc.shapes)
+        weight_norms = list(mc.weight_norms) if around_weights else None
+    layers = build_layers(components, shapes, batch_size, mode, names, weight_norms)
+    chain = Chain(tuple(layers), input_norm=input_norm, radius=radius)
+    return chain.around_weights() if around_weights else chain
+
+
+def certify_chain(
+    chain: Chain,
+    loss: LossConstants,
+    *,
+    l2: float = 0.0,
+    epsilon: float = 1e-2,
+    gap: float | None = None,
+    mode: str = "paper",
+    loss_name: str = "",
+    batch_size: int | None = None,
+    model: str = "",
+    bounds: ChainBounds | None = None,
+) -> Certificate:
+    """Run RH Prop. 4.4 (or Cor. 4.5) on ``chain``, then Prop. 4.2 and Thm 4.1 with ``loss``.
+
+    ``bounds``, if given, must be ``chain_bounds(chain)`` (saves recomputing it).
+    """
+    if bounds is None:
+        bounds = chain_bounds(chain)
+    norms = None
+    if chain.centre == "weights":
+        norms = tuple(layer.weight_norm or 0.0 for layer in chain.layers)
+    objective = objective_bounds(bounds, loss, l2=l2, epsilon=epsilon, gap=gap, weight_norms=norms)
+    return Certificate(chain, bounds, objective, mode, loss_name or loss.name, batch_size, model)
+
+
+def certify(
+    model: Any,
+    *,
+    input_shape: Sequence[int] | None = None,
+    batch_size: int = 1,
+    radius: float = 1.0,
+    input_norm: float = 1.0,
+    loss: str = "cross-entropy",
+    mode: str = "paper",
+    l2: float = 0.0,
+    epsilon: float = 1e-2,
+    around_weights: bool = False,
+    target_norm: float = 1.0,
+    gap: float | None = None,
+    bn_eps: float = 1e-5,
+) -> Certificate:
+    """Certify ``model`` on C = {||v_l - v*_l|| <= R} (v* = 0, or the weights if ``around_weights``).
+
+    Example::
+
+        >>> from smoothchain import certify
+        >>> cert = certify("vgg16-smooth", batch_size=128, radius=1.0, input_norm=1.0)
+        >>> cert.bounds.lipschitz > 0
+        True
+    """
+    chain = build_chain(
+        model, input_shape=input_shape, batch_size=batch_size, mode=mode, radius=radius,
+        input_norm=input_norm, around_weights=around_weights, bn_eps=bn_eps,
+    )
+    bounds = chain_bounds(chain)
+    loss_c = loss_constants(
+        loss, batch_size=batch_size, output_bound=bounds.output_bound, mode=mode, target_norm=target_norm, input_norm=input_norm
+    )
+    name = model if isinstance(model, str) else getattr(model, "name", type(model).__name__)
+    return certify_chain(
+        chain, loss_c, l2=l2, epsilon=epsilon, gap=gap, mode=mode, loss_name=loss, batch_size=batch_size, model=str(name),
+        bounds=bounds,
+    )
