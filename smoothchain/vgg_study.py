@@ -1,0 +1,224 @@
+"""The VGG-16 study of RH Sec. 5: VGG, VGG-smooth and VGG with batch normalisation.
+
+Certifies ``vgg16``, ``vgg16-smooth`` and ``vgg16-bn`` at eps = 1e-2 and 1e2 (m = 128, R = 1,
+||x|| = 1 by default) in both constant modes and checks RH's qualitative claims:
+
+1. l_VGG ~ l_VGG-smooth (RH short version Sec. 5.2: "the only difference ... resides in the
+   constant a_softplus(0) != 0"); we call two bounds "comparable" when they are within one
+   order of magnitude (|log10 ratio| <= 1) and report the ratio;
+2. for eps = 1e-2: l_VGG-smooth <= l_VGG-bn and L_VGG-smooth <= L_VGG-bn (RH Sec. 5.2);
+3. for eps = 1e2: l_VGG-smooth >= l_VGG-bn and L_VGG-smooth >= L_VGG-bn.
+
+RH's "VGG" in Sec. 5.2 of the long version is the smooth VGG of Sec. 5.1, so the batch-norm
+comparison is against ``vgg16-smooth``.  Pure arithmetic: the whole study takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .certify import certify
+
+__all__ = ["StudyRow", "Claim", "VGGStudy", "run_vgg_study", "write_vgg_study"]
+
+VARIANTS = (("vgg16", None), ("vgg16-smooth", None), ("vgg16-bn", 1e-2), ("vgg16-bn", 1e2))
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    model: str
+    bn_eps: float | None
+    mode: str
+    output_bound: float
+    lipschitz: float
+    smoothness: float
+    objective_smoothness: float
+
+    @property
+    def label(self) -> str:
+        return self.model if self.bn_eps is None else f"{self.model} (eps={self.bn_eps:g})"
+
+
+@dataclass(frozen=True)
+class Claim:
+    mode: str
+    statement: str
+    holds: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class VGGStudy:
+    rows: tuple[StudyRow, ...]
+    claims: tuple[Claim, ...]
+    batch_size: int
+    radius: float
+    input_norm: float
+
+
+def _log10_ratio(a: float, b: float) -> float:
+    if math.isinf(a) and math.isinf(b):
+        return 0.0
+    if math.isinf(a) or math.isinf(b) or a == 0 or b == 0:
+        return math.inf
+    return abs(math.log10(a / b))
+
+
+def run_vgg_study(*, batch_size: int = 128, radius: float = 1.0, input_norm: float = 1.0) -> VGGStudy:
+    """Certify the four VGG variants in both modes and evaluate RH Sec. 5's claims."""
+    rows: list[StudyRow] = []
+    claims: list[Claim] = []
+    for mode in ("paper", "tight"):
+        found: dict[tuple[str, float | None], StudyRow] = {}
+        for model, eps in VARIANTS:
+            cert = certify(
+                model, batch_size=batch_size, radius=radius, input_norm=input_norm, mode=mode,
+                bn_eps=eps if eps is not None else 1e-5,
+            )
+            row = StudyRow(
+                model, eps, mode, cert.bounds.output_bound, cert.bounds.lipschitz, cert.bounds.smoothness,
+                cert.objective.smoothness,
+            )
+            rows.append(row)
+            found[(model, eps)] = row
+        vgg, smooth = found[("vgg16", None)], found[("vgg16-smooth", None)]
+        r = _log10_ratio(vgg.lipschitz, smooth.lipschitz)
+        claims.append(
+            Claim(mode, "l_VGG ~ l_VGG-smooth (within one order of magnitude)", r <= 1.0,
+                  f"l_VGG / l_VGG-smooth = {vgg.lipschitz / smooth.lipschitz:.3g}")
+        )
+        for eps, sign in ((1e-2, "<="), (1e2, ">=")):
+            bn = found[("vgg16-bn", eps)]
+            for attr, sym in (("lipschitz", "l"), ("smoothness", "L")):
+                a, b = getattr(smooth, attr), getattr(bn, attr)
+                holds = a <= b if sign == "<=" else a >= b
+                claims.append(
+                    Claim(mode, f"eps={eps:g}: {sym}_VGG-smooth {sign} {sym}_VGG-bn", holds, f"{a:.3e} vs {b:.3e}")
+                )
+    return VGGStudy(tuple(rows), tuple(claims), batch_size, radius, input_norm)
+
+
+def _fmt(x: float) -> str:
+    return "inf" if math.isinf(x) else f"{x:.3e}"
+
+
+def study_markdown(study: VGGStudy, png_name: str | None = None) -> str:
+    lines = [
+        "# VGG-16 smoothness study (RH Sec. 5)",
+        "",
+        f"Batch m = {study.batch_size}, radius R = {study.radius:g}, input norm ||x|| = {study.input_norm:g}, "
+        "balls around 0 (RH Prop. 4.4), cross-entropy loss.",
+        "",
+        "| model | constants | m (output bound) | l (Lipschitz) | L (smoothness) | L_F (objective) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in study.rows:
+        lines.append(
+            f"| {r.label} | {r.mode} | {_fmt(r.output_bound)} | {_fmt(r.lipschitz)} | {_fmt(r.smoothness)} | "
+            f"{_fmt(r.objective_smoothness)} |"
+        )
+    lines += ["", "## RH's claims", "", "| constants | claim | holds | values |", "|---|---|---|---|"]
+    for c in study.claims:
+        lines.append(f"| {c.mode} | {c.statement} | {'yes' if c.holds else '**no**'} | {c.detail} |")
+    lines += [
+        "",
+        "Notes. `vgg16` (ReLU, max pooling) is not C^1, so its smoothness is infinite in both modes. "
+        "In `paper` mode the smooth network's bounds are smaller than VGG's mostly because average "
+        "pooling is linear with ||grad a(0)|| = 1/2, which Lemma D.2 exploits, while max pooling keeps 1. "
+        "Batch normalisation caps every layer's output (m_batch) and scales by at most 2 eps^-1/2 (paper) "
+        "or eps^-1/2 (tight): with eps = 1e2 this shrinks the bounds, with eps = 1e-2 it inflates them.",
+    ]
+    if png_name:
+        lines += ["", f"![certified constants, log scale]({png_name})"]
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def plot_vgg_study(study: VGGStudy, path: Path) -> None:
+    """Log-scale grouped bar chart of l and L per variant and mode (infinite bars hatched at the top)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    modes = ("paper", "tight")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, attr, title in zip(axes, ("lipschitz", "smoothness"), ("Lipschitz constant l", "Smoothness L")):
+        labels = [r.label for r in study.rows if r.mode == "paper"]
+        finite = [getattr(r, attr) for r in study.rows if not math.isinf(getattr(r, attr))]
+        top = max(finite) * 100 if finite else 10.0
+        width = 0.38
+        for k, mode in enumerate(modes):
+            vals = [getattr(r, attr) for r in study.rows if r.mode == mode]
+            xs = [i + (k - 0.5) * width for i in range(len(vals))]
+            heights = [top if math.isinf(v) else v for v in vals]
+            bars = ax.bar(xs, heights, width, color=f"C{k}", log=True)
+            for bar, v in zip(bars, vals):
+                if math.isinf(v):
+                    bar.set_hatch("//")
+                    ax.annotate("inf", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=15, fontsize=8)
+        ax.set_title(f"{title} (m={study.batch_size}, R={study.radius:g})")
+        ax.set_yscale("log")
+        ax.grid(axis="y", alpha=0.3)
+        handles = [Patch(color=f"C{k}", label=f"{mode} constants") for k, mode in enumerate(modes)]
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="infinite (not C^1)"))
+        ax.legend(handles=handles, fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_vgg_study(study: VGGStudy, out_dir: str | Path, *, plot: bool = True) -> dict[str, str]:
+    """Write ``vgg_study.md``, ``vgg_study.json`` and (if ``plot``) ``vgg_study.png`` atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    png = out / "vgg_study.png"
+    if plot:
+        plot_vgg_study(study, png)
+        files["png"] = str(png)
+    md = out / "vgg_study.md"
+    _atomic_write(md, study_markdown(study, png.name if plot else None).encode())
+    files["markdown"] = str(md)
+    js = out / "vgg_study.json"
+    _atomic_write(js, json.dumps(study_to_dict(study), indent=2).encode())
+    files["json"] = str(js)
+    return files
+
+
+def study_to_dict(study: VGGStudy) -> dict:
+    from .spec import json_number
+
+    def row(r: StudyRow) -> dict:
+        d = asdict(r)
+        return {k: (json_number(v) if isinstance(v, float) else v) for k, v in d.items()}
+
+    return {
+        "batch_size": study.batch_size,
+        "radius": study.radius,
+        "input_norm": study.input_norm,
+        "rows": [row(r) for r in study.rows],
+        "claims": [asdict(c) for c in study.claims],
+    }

@@ -1,0 +1,181 @@
+"""The command line: DESIGN.md's JSON contract, the human table, errors, the VGG study."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from smoothchain import certify
+from smoothchain.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_json(capsys, *argv) -> dict:
+    assert main(list(argv)) == 0
+    out = capsys.readouterr().out
+    return json.loads(out)
+
+
+def _num(x):
+    return math.inf if x == "inf" else x
+
+
+def test_certify_json_contract(capsys):
+    doc = run_json(capsys, "certify", "--model", "vgg16-smooth", "--batch-size", "128", "--radius", "1",
+                   "--input-norm", "1", "--constants", "paper", "--json")
+    assert set(doc) >= {"layers", "chain", "objective"}
+    assert len(doc["layers"]) == 16
+    assert [r["index"] for r in doc["layers"]] == list(range(1, 17))
+    for row in doc["layers"]:
+        assert set(row) == {"index", "name", "output_bound", "lipschitz", "smoothness"}
+    assert set(doc["chain"]) == {"output_bound", "lipschitz", "smoothness"}
+    assert set(doc["objective"]) == {"loss_lipschitz", "loss_smoothness", "smoothness", "step_size", "iterations"}
+    # the chain entry is the last layer's row, and the library agrees
+    last = doc["layers"][-1]
+    assert doc["chain"] == {k: last[k] for k in ("output_bound", "lipschitz", "smoothness")}
+    cert = certify("vgg16-smooth", batch_size=128)
+    assert doc["chain"]["lipschitz"] == cert.bounds.lipschitz
+    obj = doc["objective"]
+    assert obj["step_size"] == pytest.approx(1 / obj["smoothness"], rel=1e-12)
+    # VGG ends with a softmax over 1000 classes: m_psi = sqrt(m) in paper mode
+    assert doc["chain"]["output_bound"] == pytest.approx(math.sqrt(128), rel=1e-12)
+
+
+def test_infinite_values_are_the_string_inf(capsys):
+    doc = run_json(capsys, "certify", "--model", "vgg16", "--batch-size", "4", "--json")
+    assert doc["chain"]["smoothness"] == "inf"  # ReLU and max pooling are not C^1
+    assert doc["objective"]["step_size"] == 0.0
+    assert doc["objective"]["iterations"] == "inf"
+    assert isinstance(doc["chain"]["lipschitz"], float)
+
+
+def test_json_prints_only_json(capsys):
+    assert main(["certify", "--model", "mlp", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and json.loads(out)
+
+
+def test_table_output(capsys):
+    assert main(["certify", "--model", "cnn", "--batch-size", "4", "--constants", "tight"]) == 0
+    out = capsys.readouterr().out
+    assert "conv1" in out and "softplus, avgpool" in out and "step size" in out
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["certify", "--model", "mlp", "--radius", "-1"], "must be >= 0"),
+        (["certify", "--model", "nope"], "invalid choice"),
+        (["certify", "--model", "mlp", "--batch-size", "0"], "must be >= 1"),
+        (["certify", "--model", "mlp", "--spec", "x.json"], "not allowed with"),
+        (["certify"], "one of the arguments"),
+        (["certify", "--model", "mlp", "--radius", "nan"], "NaN"),
+    ],
+)
+def test_argument_errors_exit_2(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def _error(capsys, *argv) -> str:
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("smoothchain: error:") and "\n" not in err
+    return err
+
+
+def test_malformed_spec_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"layers": [{"bilinear": {"smoothness": -1, "weight_lipschitz": 0, '
+                   '"input_lipschitz": 0, "offset_norm": 0}}], "loss": {"lipschitz": 1, "smoothness": 1}}')
+    assert "layers[1].bilinear.smoothness" in _error(capsys, "certify", "--spec", str(bad))
+    bad.write_text("{not json")
+    assert "not valid JSON" in _error(capsys, "certify", "--spec", str(bad))
+    assert "not found" in _error(capsys, "certify", "--spec", str(tmp_path / "missing.json"))
+
+
+def test_module_errors(tmp_path, capsys):
+    assert "not found" in _error(capsys, "certify", "--module", str(tmp_path / "none.py:make"))
+    assert "FILE.py:FACTORY" in _error(capsys, "certify", "--module", "nofactory")
+    f = tmp_path / "m.py"
+    f.write_text("import torch.nn as nn\n"
+                 "def good():\n    return nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))\n"
+                 "def bad():\n    return nn.Sequential(nn.Linear(4, 3), nn.GELU())\n"
+                 "def notmodule():\n    return 3\n")
+    assert "no callable 'missing'" in _error(capsys, "certify", "--module", f"{f}:missing")
+    assert "not a torch.nn.Module" in _error(capsys, "certify", "--module", f"{f}:notmodule", "--input-shape", "4")
+    err = _error(capsys, "certify", "--module", f"{f}:bad", "--input-shape", "4")
+    assert "GELU" in err and "register_module" in err
+    err = _error(capsys, "certify", "--module", f"{f}:good", "--input-shape", "5")
+    assert "'0'" in err and "--input-shape" in err
+    assert "needs --input-shape" in _error(capsys, "certify", "--module", f"{f}:good")
+    doc = run_json(capsys, "certify", "--module", f"{f}:good", "--input-shape", "4", "--batch-size", "3", "--json")
+    assert [r["name"] for r in doc["layers"]] == ["0", "2"]
+
+
+def test_user_module_matches_library(tmp_path, capsys):
+    import torch.nn as nn
+
+    f = tmp_path / "net.py"
+    f.write_text("import torch.nn as nn\n"
+                 "def make():\n    return nn.Sequential(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Sigmoid()),\n"
+                 "        nn.Flatten(), nn.Linear(4 * 6 * 6, 10), nn.Softmax(dim=1))\n")
+    doc = run_json(capsys, "certify", "--module", f"{f}:make", "--input-shape", "1,8,8", "--batch-size", "5",
+                   "--constants", "tight", "--json")
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Sigmoid()), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 10), nn.Softmax(dim=1))
+    cert = certify(model, input_shape=(1, 8, 8), batch_size=5, mode="tight")
+    assert doc["chain"]["smoothness"] == pytest.approx(cert.bounds.smoothness, rel=1e-12)
+
+
+def test_save_spec_round_trip(tmp_path, capsys):
+    spec = tmp_path / "cnn.json"
+    a = run_json(capsys, "certify", "--model", "cnn", "--batch-size", "8", "--constants", "tight",
+                 "--save-spec", str(spec), "--json")
+    b = run_json(capsys, "certify", "--spec", str(spec), "--json")
+    assert b["layers"] == a["layers"] and b["chain"] == a["chain"]
+    assert b["objective"]["smoothness"] == pytest.approx(a["objective"]["smoothness"], rel=1e-12)
+    # command-line radius overrides the file's
+    c = run_json(capsys, "certify", "--spec", str(spec), "--radius", "2", "--json")
+    assert _num(c["chain"]["lipschitz"]) > _num(a["chain"]["lipschitz"])
+
+
+def test_around_weights_requires_weight_norms_in_spec(capsys):
+    err = _error(capsys, "certify", "--spec", str(ROOT / "examples" / "spec.json"), "--around-weights")
+    assert "weight_norm" in err
+
+
+def test_vgg_study_writes_report_and_claims_hold(tmp_path, capsys):
+    doc = run_json(capsys, "vgg-study", "--out", str(tmp_path), "--json")
+    assert len(doc["claims"]) == 10
+    failed = [c for c in doc["claims"] if not c["holds"]]
+    assert not failed, failed
+    for kind in ("markdown", "png", "json"):
+        assert Path(doc["files"][kind]).is_file()
+    png = Path(doc["files"]["png"]).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    md = Path(doc["files"]["markdown"]).read_text()
+    assert "| vgg16-bn (eps=0.01) | paper |" in md and "vgg_study.png" in md
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run(
+        [sys.executable, "-m", "smoothchain", "certify", "--model", "mlp", "--json"],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    )
+    assert json.loads(out.stdout)["layers"][0]["name"] == "fc1"
+
+
+def test_certify_builtin_does_not_import_torch():
+    code = ("import sys; from smoothchain.cli import main; "
+            "main(['certify','--model','vgg16-smooth','--batch-size','128','--json']); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, cwd=ROOT)
