@@ -142,7 +142,7 @@ def build_chain(
                 raise ChainError("an nn.Module needs --input-shape (per example, e.g. 3,32,32 or 784)")
         from .torch_chain import components_from_module
 
-        mc = components_from_module(model, input_shape, batch_size)
+        mc = components_from_module(model, input_shape, batch_size, weight_norms=around_weights)
         components, names, shapes = list(mc.components), list(mc.names), list(mc.shapes)
         weight_norms = list(mc.weight_norms) if around_weights else None
     layers = build_layers(components, shapes, batch_size, mode, names, weight_norms)

@@ -232,11 +232,19 @@ def _meta_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         module.train(was_training)
 
 
-def components_from_module(module: nn.Module, input_shape: Sequence[int], batch_size: int = 2) -> ModuleChain:
-    """Components, shapes (meta device) and weight norms of a chain-like module."""
+def components_from_module(
+    module: nn.Module, input_shape: Sequence[int], batch_size: int = 2, *, weight_norms: bool = False
+) -> ModuleChain:
+    """Components, shapes (meta device) and, if ``weight_norms``, the weight norms of a chain-like module.
+
+    Weight norms need real weights; without them the module may live on the meta device.
+    """
     shape = tuple(int(s) for s in input_shape)
     if not shape or any(s <= 0 for s in shape):
         raise ChainError(f"input shape must be positive integers, got {tuple(input_shape)}")
+    for pname, p in module.named_parameters():
+        if not p.is_meta and not bool(torch.isfinite(p.detach()).all()):
+            raise ChainError(f"parameter {pname!r} has NaN or infinite entries; fix or re-initialise the model")
     comps: list[Component] = []
     names: list[str] = []
     shapes: list[tuple[int, ...]] = []
@@ -259,7 +267,7 @@ def components_from_module(module: nn.Module, input_shape: Sequence[int], batch_
             comps.append(part)
             names.append(part_name)
             shapes.append(shape)
-            norms.append(_weight_norm(leaf, part) if part.role == "bilinear" else None)
+            norms.append(_weight_norm(leaf, part) if weight_norms and part.role == "bilinear" else None)
             shape = tuple(part.output_shape(shape))
         if shape != out_shape:
             raise ChainError(
