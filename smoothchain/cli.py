@@ -1,6 +1,7 @@
 """Command-line interface: a thin layer over the library (DESIGN.md).
 
 ``smoothchain certify``   certified bounds of a chain (RH Prop. 4.4 / Cor. 4.5, Prop. 4.2, Thm 4.1)
+``smoothchain check``     estimates on C that the certificate must survive (exit 3 on violation)
 ``smoothchain vgg-study`` RH Sec. 5: VGG / VGG-smooth / VGG-bn table, claims and bar chart
 
 Every subcommand accepts ``--json`` (one JSON document on stdout) and exits with status 2 and a
@@ -93,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("certify", help="certified output bound, Lipschitz and smoothness constants, step size")
     add_model_options(c)
     c.add_argument("--save-spec", metavar="FILE.json", help="also write the chain's constants as a spec file")
+    k = sub.add_parser("check", help="estimate m, l, L and L_F on C and compare with the certificate (exit 3 on violation)")
+    add_model_options(k)
+    k.add_argument("--points", type=_pos_int, default=3, help="random points of C (default 3)")
+    k.add_argument("--ascent-steps", type=int, default=8, help="projected gradient ascent steps per point (default 8)")
+    k.add_argument("--iters", type=_pos_int, default=60, help="power/Lanczos iterations per estimate (default 60)")
+    k.add_argument("--tolerance", type=_nonneg_float, default=1e-6, help="relative tolerance for a violation")
+    k.add_argument("--no-per-layer", action="store_true", help="estimate only the whole chain, not every prefix")
+    k.add_argument("--plot", metavar="FILE.png", help="write a certified-vs-estimated bar chart (log scale)")
     v = sub.add_parser("vgg-study", help="RH Sec. 5: VGG variants, claims, markdown table and PNG chart")
     v.add_argument("--out", default="vgg-study", metavar="DIR", help="output directory (default ./vgg-study)")
     v.add_argument("--batch-size", type=_pos_int, default=128, metavar="M")
@@ -229,6 +238,63 @@ def _cmd_certify(args) -> int:
     return 0
 
 
+def _cmd_check(args) -> int:
+    from .certify import parse_input_shape
+    from .check import check, plot_check
+
+    if args.spec:
+        raise CLIError("check needs a network to evaluate: use --model or --module, not --spec")
+    if args.module:
+        model = load_module(args.module)
+        shape = parse_input_shape(args.input_shape) if args.input_shape else getattr(model, "input_shape", None)
+        if shape is None:
+            raise CLIError("an nn.Module needs --input-shape (per example, e.g. 3,32,32 or 784)")
+    else:
+        import torch
+
+        from .models import builtin
+        from .torch_chain import torch_module
+
+        torch.manual_seed(args.seed)
+        spec = builtin(args.model, bn_eps=args.bn_eps)
+        model = torch_module(spec.components)
+        shape = parse_input_shape(args.input_shape) if args.input_shape else spec.input_shape
+    result = check(
+        model, input_shape=shape, batch_size=args.batch_size,
+        radius=1.0 if args.radius is None else args.radius,
+        input_norm=1.0 if args.input_norm is None else args.input_norm,
+        loss=args.loss, mode=args.constants, l2=args.l2 or 0.0, around_weights=args.around_weights,
+        target_norm=args.target_norm, points=args.points, ascent_steps=args.ascent_steps, iters=args.iters,
+        tolerance=args.tolerance, seed=args.seed, per_layer=not args.no_per_layer,
+        progress=lambda s: print(s, file=sys.stderr),
+    )
+    if args.plot:
+        plot_check(result, args.plot)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(format_check(result))
+    return 3 if result.violations else 0
+
+
+def format_check(result) -> str:
+    """Per-layer table of certified vs estimated values and their ratio (the tightness gap)."""
+    rows = [("#", "layer", "quantity", "certified", "estimated", "est/cert")]
+    for r in result.layers:
+        ratios = r.ratios()
+        for q in ("output_bound", "lipschitz", "smoothness"):
+            rows.append((str(r.index), r.name, q, _fmt(r.certified[q]), _fmt(r.estimated[q]), _fmt(ratios[q])))
+    c, e = result.certified["objective_smoothness"], result.estimated["objective_smoothness"]
+    ratio = None if math.isinf(c) or c == 0 else e / c
+    rows.append(("-", "objective", "smoothness L_F", _fmt(c), _fmt(e), _fmt(ratio)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    verdict = "no violation" if not result.violations else f"{len(result.violations)} VIOLATION(S): " + "; ".join(
+        f"{v['name']} {v['quantity']} estimated {v['estimated']:.4g} > certified {v['certified']}" for v in result.violations)
+    return "\n".join(lines + ["", verdict])
+
+
 def _cmd_vgg_study(args) -> int:
     from .vgg_study import run_vgg_study, study_to_dict, write_vgg_study
 
@@ -247,7 +313,7 @@ def _cmd_vgg_study(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"certify": _cmd_certify, "vgg-study": _cmd_vgg_study}
+    handlers = {"certify": _cmd_certify, "check": _cmd_check, "vgg-study": _cmd_vgg_study}
     try:
         return handlers[args.command](args)
     except (ChainError, CLIError) as err:

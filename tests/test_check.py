@@ -1,0 +1,64 @@
+"""`smoothchain check`: estimates never exceed certified bounds; violations are reported (exit 3)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+import smoothchain.check as check_mod
+from smoothchain.check import check, layer_blocks
+from smoothchain.cli import main
+
+
+def tiny(act=nn.Tanh):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), act(), nn.Linear(4, 2))
+
+
+def test_layer_blocks_cover_parameters_per_rh_layer():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.BatchNorm1d(4), nn.Linear(4, 2, bias=False))
+    blocks, ends = layer_blocks(model, (3,))
+    # layer 1: Linear(3,4) weight+bias; layer 2: batch-norm affine (weight, bias); layer 3: Linear(4,2)
+    assert [b.stop - b.start for b in blocks] == [16, 8, 8]
+    assert ends == [-1, 3, 4]  # layer 1 ends inside the batch-norm module (its normalisation part)
+
+
+@pytest.mark.parametrize("mode", ["paper", "tight"])
+@pytest.mark.parametrize("around", [False, True])
+def test_check_tiny_mlp_no_violation(mode, around):
+    res = check(tiny(), input_shape=(3,), batch_size=2, mode=mode, around_weights=around, points=2,
+                ascent_steps=3, iters=30, radius=0.5)
+    assert res.violations == ()
+    for r in res.layers:
+        for k, v in r.estimated.items():
+            assert v is not None and 0 < v <= r.certified[k]
+    assert 0 < res.estimated["objective_smoothness"] <= res.certified["objective_smoothness"]
+    doc = res.to_dict()
+    assert set(doc) >= {"certified", "estimated", "violations"}
+    assert set(doc["certified"]) == {"output_bound", "lipschitz", "smoothness", "objective_smoothness"}
+
+
+def test_violation_is_reported_and_exit_3(monkeypatch, capsys):
+    real = check_mod.certify
+
+    def halved(*a, **k):  # a deliberately wrong certificate: every layer's Lipschitz bound / 1000
+        cert = real(*a, **k)
+        rows = tuple(replace(r, lipschitz=r.lipschitz / 1000) for r in cert.bounds.layers)
+        return replace(cert, bounds=replace(cert.bounds, layers=rows, lipschitz=rows[-1].lipschitz))
+
+    monkeypatch.setattr(check_mod, "certify", halved)
+    code = main(["check", "--model", "mlp", "--batch-size", "2", "--points", "1", "--ascent-steps", "0",
+                 "--iters", "10", "--no-per-layer", "--json"])
+    assert code == 3
+    doc = json.loads(capsys.readouterr().out)
+    assert any(v["quantity"] == "lipschitz" for v in doc["violations"])
+
+
+def test_check_rejects_spec(capsys):
+    assert main(["check", "--spec", "x.json"]) == 2
+    assert "needs a network" in capsys.readouterr().err
