@@ -124,9 +124,10 @@ def objective_bounds(
     if gap is None:
         R = chain.radius
         if weight_norms is None:
-            reg_range = 0.5 * l2 * len(chain.layers) * R * R
+            reg_range = _mul(0.5 * l2, len(chain.layers) * R * R)
         else:
-            reg_range = 0.5 * l2 * sum((w + R) ** 2 - max(0.0, w - R) ** 2 for w in weight_norms)
+            # (w + R)^2 - max(0, w - R)^2, written without cancellation: 4 w R when w >= R
+            reg_range = _mul(0.5 * l2, sum(_mul(4.0 * w, R) if w >= R else (w + R) ** 2 for w in weight_norms))
         gap = _mul(2.0 * loss.lipschitz, chain.output_bound) + reg_range
     elif gap < 0 or math.isnan(gap):
         raise ChainError(f"--gap must be >= 0, got {gap}")
