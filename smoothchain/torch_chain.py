@@ -253,7 +253,8 @@ def components_from_module(
         converted = _lookup(leaf)(leaf, shape)  # type: ignore[misc]
         parts = [converted] if isinstance(converted, Component) else list(converted)
         # the leaf's true output shape, by PyTorch itself on the meta device
-        x = torch.empty((max(batch_size, 2),) + shape, device="meta")
+        dtype = next((t.dtype for t in leaf.parameters() if t.is_floating_point()), torch.get_default_dtype())
+        x = torch.empty((max(batch_size, 2),) + shape, device="meta", dtype=dtype)
         try:
             y = _meta_forward(leaf, x)
         except Exception as err:  # shape mismatch, wrong rank, ...
