@@ -1,0 +1,159 @@
+"""The automatic-differentiation oracle of RH Def. 3.2 / Algo. 3 on ``torch.func``, and the
+objective's pieces shared by every oracle.
+
+RH's convention: for psi : R^p -> R^q, ``grad psi(w)`` is the p x q *transpose* of the Jacobian.
+The oracle gives, after one forward pass (Algo. 1) that stores what the backward pass needs,
+
+* ``backward(mu)``   = grad psi(w) mu        (Algo. 2, a vjp, reusing the stored forward pass),
+* ``linearize(wt)``  = grad psi(w)^T wt      (the linearised network (32), a jvp).
+
+Call counting (the unit of RH Sec. 3.3 and Prop. 3.5, where "a gradient step makes one call"):
+one *call* is one sweep through the chain that applies derivative information -- one backward
+sweep or one forward-mode linearisation sweep.  The primal forward pass that evaluates psi(w_t)
+and records the vjp closure is done once per oracle and counted apart, in
+:attr:`OracleCounter.forward_passes`; it is not a call.  (``torch.func.jvp`` recomputes the primal
+values along with the tangents inside its single forward-mode sweep; that sweep is one call.)
+
+The objective is F(w) = f(psi(w)) + r(w) with r(w) = l2/2 ||w||^2 and f one of
+
+* ``"square"``:        f(z) = 1/(2m) sum_i ||z_i - y_i||_2^2       (y shaped like the output),
+* ``"cross-entropy"``: f(z) = 1/m  sum_i -log softmax(z_i)[y_i]    (``F.cross_entropy``, mean;
+  y class indices, or class probabilities shaped like the output),
+
+m = the batch size (first dimension of the output).  Derivatives of f alone (grad f, Hessian-
+vector products) are not chain sweeps and are not counted (RH Prop. 3.5's proof ignores them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+__all__ = [
+    "LOSSES",
+    "OracleCounter",
+    "AutodiffOracle",
+    "make_loss",
+    "loss_grad",
+    "loss_hvp",
+    "loss_hessian",
+    "model_parameters",
+    "flat_dot",
+]
+
+LOSSES = ("square", "cross-entropy")
+
+Params = tuple[torch.Tensor, ...]
+
+
+@dataclass
+class OracleCounter:
+    """Counts the chain sweeps of one oracle step (see the module docstring for the unit)."""
+
+    forward_passes: int = 0
+    backward_calls: int = 0
+    linearize_calls: int = 0
+
+    @property
+    def calls(self) -> int:
+        """Autodiff calls: backward sweeps plus linearisation sweeps."""
+        return self.backward_calls + self.linearize_calls
+
+
+def make_loss(loss: str, y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The loss f(z) for the batch output z (shape (m, ...)), averaged over the batch."""
+    if loss == "square":
+
+        def f(z: torch.Tensor) -> torch.Tensor:
+            if z.shape != y.shape:
+                raise ValueError(
+                    f"square loss needs targets shaped like the output {tuple(z.shape)}, "
+                    f"got {tuple(y.shape)}")
+            return 0.5 * ((z - y) ** 2).sum() / z.shape[0]
+
+    elif loss == "cross-entropy":
+
+        def f(z: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(z, y, reduction="mean")
+
+    else:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    return f
+
+
+def loss_grad(f: Callable, z: torch.Tensor) -> torch.Tensor:
+    """grad f(z), shaped like z."""
+    return torch.func.grad(f)(z)
+
+
+def loss_hvp(f: Callable, z: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """u -> grad^2 f(z) u (forward-over-reverse on f only; u shaped like z)."""
+    grad_f = torch.func.grad(f)
+
+    def hvp(u: torch.Tensor) -> torch.Tensor:
+        return torch.func.jvp(grad_f, (z,), (u,))[1]
+
+    return hvp
+
+
+def loss_hessian(f: Callable, z: torch.Tensor) -> torch.Tensor:
+    """grad^2 f(z) as a q x q matrix (q = z.numel())."""
+    q = z.numel()
+    return torch.func.hessian(f)(z).reshape(q, q)
+
+
+def model_parameters(model: nn.Module) -> tuple[list[str], Params]:
+    """Names and detached values of ``model.parameters()``, in that order."""
+    named = list(model.named_parameters())
+    plain = list(model.parameters())
+    if len(named) != len(plain) or any(a is not b for (_, a), b in zip(named, plain)):
+        raise ValueError("model.named_parameters() and model.parameters() disagree")
+    return [n for n, _ in named], tuple(p.detach() for p in plain)
+
+
+def flat_dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """sum_i <a_i, b_i> over two lists of tensors."""
+    return sum((ai * bi).sum() for ai, bi in zip(a, b))
+
+
+class AutodiffOracle:
+    """RH Algo. 3: ``psi(w)`` and the linear operator mu -> grad psi(w) mu, plus the linearisation.
+
+    The forward pass runs once, in the constructor (``torch.func.vjp`` keeps the closure); every
+    :meth:`backward` reuses it.  ``output`` is psi(w) with the model's output shape (m, ...).
+    Every call is counted in ``counter`` (shared with the caller if one is passed).
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, counter: OracleCounter | None = None):
+        self.model = model
+        self.x = x
+        self.names, self.params = model_parameters(model)
+        self.counter = counter if counter is not None else OracleCounter()
+        self.output, self._vjp_fn = torch.func.vjp(self._psi, self.params)
+        self.output = self.output.detach()
+        self.counter.forward_passes += 1
+
+    def _psi(self, params: Params) -> torch.Tensor:
+        return functional_call(self.model, dict(zip(self.names, params)), (self.x,))
+
+    @property
+    def output_dim(self) -> int:
+        """q, the dimension of psi(w) over the whole batch."""
+        return self.output.numel()
+
+    def backward(self, mu: torch.Tensor) -> list[torch.Tensor]:
+        """grad psi(w) mu (a vjp, RH Algo. 2); mu shaped like ``output`` (or flat). One call."""
+        self.counter.backward_calls += 1
+        (g,) = self._vjp_fn(mu.reshape(self.output.shape))
+        return [t.detach() for t in g]
+
+    def linearize(self, w_tilde: Sequence[torch.Tensor]) -> torch.Tensor:
+        """grad psi(w)^T w~ (a jvp, the linearised chain (32)), shaped like ``output``. One call."""
+        self.counter.linearize_calls += 1
+        _, out = torch.func.jvp(self._psi, (self.params,), (tuple(w_tilde),))
+        return out.detach()

@@ -1,0 +1,118 @@
+"""The three oracle steps of RH eqs. (12)-(14) on an ``nn.Sequential`` chain (public API).
+
+Objective F(w) = f(psi(w)) + r(w), r(w) = l2/2 ||w||^2 over all parameters, f the batch-mean
+loss (``autodiff.make_loss``).  Each function returns the direction w~* = w_{t+1} - w_t of
+
+* gradient (12):     argmin  <grad (f o psi)(w_t), w~> + <l2 w_t, w~> + 1/(2 gamma)||w~||^2
+                     = -gamma (grad (f o psi)(w_t) + l2 w_t);
+* Gauss-Newton (13): argmin  q_f(psi(w_t) + grad psi(w_t)^T w~; psi(w_t)) + q_r(w_t + w~; w_t)
+                             + 1/(2 gamma)||w~||^2;
+* Newton (14):       argmin  q_{f o psi}(w_t + w~; w_t) + q_r(w_t + w~; w_t) + 1/(2 gamma)||w~||^2,
+
+(l_h, q_h the first- and second-order Taylor models of h).  Methods:
+
+==============  ==========================================  =================================
+step            methods                                     default
+==============  ==========================================  =================================
+gradient        "dp" (Prop. C.2 = backprop), "dense"        "dp"
+Gauss-Newton    "dual" (Prop. 3.5), "dp" (Prop. C.1),        "dual"
+                "dense"
+Newton          "dp" (Prop. C.1 / Algo. 4), "dense"         "dp"
+==============  ==========================================  =================================
+
+``gamma`` in the result is the step size used; only Newton can halve it (Algo. 4 line 24; the
+other problems are strongly convex for every gamma > 0 since f and r are convex, RH App. C.1).
+``feasible`` is Algo. 4's flag: True iff the problem at the *requested* gamma was strongly
+convex.  When it is False the direction is still the exact minimiser at the returned (halved)
+gamma.  ``oracle_calls`` counts chain sweeps by autodiff (``autodiff`` module docstring).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .autodiff import LOSSES, OracleCounter, make_loss
+from .dense import dense_gauss_newton, dense_gradient, dense_newton
+from .dual import gauss_newton_dual
+from .lq import assemble_lq, gradient_dp, solve_lq
+
+__all__ = ["StepResult", "gradient_step", "gauss_newton_step", "newton_step"]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """direction: tensors shaped like ``model.parameters()`` (w_{t+1} = w_t + direction);
+    oracle_calls: autodiff calls used; gamma: step size finally used; feasible: Algo. 4's flag."""
+
+    direction: list[torch.Tensor]
+    oracle_calls: int
+    gamma: float
+    feasible: bool
+
+
+def _check(model, loss: str, l2, gamma, method: str, methods: tuple[str, ...]) -> tuple[float, float]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if method not in methods:
+        raise ValueError(f"method must be one of {methods}, got {method!r}")
+    try:
+        gamma, l2 = float(gamma), float(l2)
+    except (TypeError, ValueError):
+        raise ValueError(f"gamma and l2 must be numbers, got gamma={gamma!r}, l2={l2!r}") from None
+    if not (gamma > 0 and math.isfinite(gamma)):
+        raise ValueError(f"gamma must be a finite positive number, got {gamma!r}")
+    if not (l2 >= 0 and math.isfinite(l2)):
+        raise ValueError(f"l2 must be a finite non-negative number, got {l2!r}")
+    return gamma, l2
+
+
+def _result(direction, counter: OracleCounter, gamma: float, feasible: bool) -> StepResult:
+    return StepResult([d.detach() for d in direction], counter.calls, float(gamma), bool(feasible))
+
+
+def _by_dp(model, x, f, l2, gamma, kind, counter):
+    lq = assemble_lq(model, x, f, l2, kind, counter)
+    sol = solve_lq(lq, gamma)
+    return lq.chain.to_parameters(sol.v), sol.gamma, sol.feasible
+
+
+def gradient_step(model, x, y, *, loss, l2=0.0, gamma, method="dp") -> StepResult:
+    """Gradient step (12): direction -gamma (grad (f o psi)(w_t) + l2 w_t); one oracle call by DP."""
+    gamma, l2 = _check(model, loss, l2, gamma, method, ("dp", "dense"))
+    f, counter = make_loss(loss, y), OracleCounter()
+    if method == "dp":
+        direction = gradient_dp(model, x, f, l2, gamma, counter)
+    else:
+        direction = dense_gradient(model, x, f, l2, gamma, counter)
+    return _result(direction, counter, gamma, True)
+
+
+def gauss_newton_step(model, x, y, *, loss, l2=0.0, gamma, method="dual") -> StepResult:
+    """Regularised Gauss-Newton step (13); by the dual it uses <= 2q+1 oracle calls (Prop. 3.5)."""
+    gamma, l2 = _check(model, loss, l2, gamma, method, ("dual", "dp", "dense"))
+    f, counter = make_loss(loss, y), OracleCounter()
+    if method == "dual":
+        direction, _ = gauss_newton_dual(model, x, f, l2, gamma, counter)
+        feasible = True
+    elif method == "dp":
+        direction, gamma, feasible = _by_dp(model, x, f, l2, gamma, "gauss-newton", counter)
+    else:
+        direction, feasible = dense_gauss_newton(model, x, f, l2, gamma, counter), True
+    return _result(direction, counter, gamma, feasible)
+
+
+def newton_step(model, x, y, *, loss, l2=0.0, gamma, method="dp") -> StepResult:
+    """Newton step (14) by DP (Algo. 4), halving gamma until the step problem is strongly convex."""
+    gamma, l2 = _check(model, loss, l2, gamma, method, ("dp", "dense"))
+    f, counter = make_loss(loss, y), OracleCounter()
+    if method == "dp":
+        direction, gamma, feasible = _by_dp(model, x, f, l2, gamma, "newton", counter)
+    else:
+        direction, gamma, feasible = dense_newton(model, x, f, l2, gamma, counter)
+    return _result(direction, counter, gamma, feasible)
