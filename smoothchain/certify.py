@@ -121,7 +121,7 @@ def build_chain(
             from .torch_chain import torch_module
 
             return build_chain(
-                torch_module(model.components), input_shape=input_shape or model.input_shape,
+                torch_module(model.components, model.names), input_shape=input_shape or model.input_shape,
                 batch_size=batch_size, mode=mode, radius=radius, input_norm=input_norm, around_weights=True,
             )
         components, names = list(model.components), list(model.names)

@@ -373,13 +373,38 @@ class AvgPool2d(_Pool2d):
     tight: l = ||grad a(0)|| = sqrt(mu / k) with mu the window multiplicity (1/sqrt(k) without
     overlap), by Cauchy-Schwarz.  In paper mode, overlapping windows use sqrt(mu/k) for
     ||grad a(0)|| (RH is silent) and keep l = 1 (sound since mu <= k).
+
+    With ``ceil_mode=True`` the last window of an axis may stick out of input + padding; PyTorch
+    then divides by the truncated size d < k, so sqrt(mu/k) is no longer a bound (an input read
+    only by a window of size 1 is copied).  Both modes then use the Schur bound
+    ||A||^2 <= max_i sum_{o reads i} 1/d_o per axis (rows sum to at most 1), and paper mode
+    raises l to it if it exceeds 1 (docs/tight-constants.md).
     """
+
+    def _axis_load(self, axis: int, size: int, n_out: int) -> float:
+        """max over inputs i of sum over windows o reading i of 1/d_o (PyTorch's divisor d_o)."""
+        k, s, p = self.kernel_size[axis], self.stride[axis], self.padding[axis]
+        load = [0.0] * size
+        for o in range(n_out):
+            start = o * s - p
+            divisor = min(start + k, size + p) - start  # PyTorch: window clipped to input + padding
+            for i in range(max(start, 0), min(start + k, size)):
+                load[i] += 1.0 / divisor
+        return max(load) if load else 0.0
 
     def constants(self, shape, batch_size, mode):
         _check_mode(mode)
         k = self.kernel_size[0] * self.kernel_size[1]
-        op_norm = math.sqrt(self.multiplicity(shape) / k)
-        lip = 1.0 if mode == "paper" else op_norm
+        out = self._out_hw(shape)
+        truncated = any(
+            (out[i] - 1) * self.stride[i] - self.padding[i] + self.kernel_size[i] > shape[1 + i] + self.padding[i]
+            for i in range(2)
+        )
+        if truncated:
+            op_norm = math.sqrt(self._axis_load(0, shape[1], out[0]) * self._axis_load(1, shape[2], out[1]))
+        else:
+            op_norm = math.sqrt(self.multiplicity(shape) / k)
+        lip = max(1.0, op_norm) if mode == "paper" else op_norm
         return ComponentConstants(math.inf, lip, 0.0, 0.0, op_norm, "avgpool")
 
 

@@ -44,7 +44,8 @@ def loss_constants(
     * square, f_i = ||yhat_i - y_i||^2 / 2 with ||y_i|| <= rho_Y (``target_norm``):
       l = rho_C + rho_Y with rho_C = ``output_bound`` (m_psi bounds every ||yhat_i||), L = 1;
     * autoencoder, the square loss with targets the inputs: rho_Y = ``input_norm``;
-    * convex-clustering (RH Prop. B.1): l = n(n-1)/2, L = 1.
+    * convex-clustering (RH Prop. B.1): l = n(n-1)/2, L = 1 (raised to sqrt(2) for n = 2, where
+      the printed value is below the attained sup).
 
     ``tight`` (proofs in docs/tight-constants.md) keeps the 1/n of the batch mean, since
     grad f = (1/n)(grad f_i)_i and grad^2 f = (1/n) blockdiag(grad^2 f_i):
@@ -52,7 +53,8 @@ def loss_constants(
     * cross-entropy: ||softmax(yhat_i) - y_i|| <= sqrt(2) and grad^2 f_i = diag(p) - p p^T has norm
       <= 1/2, so l = sqrt(2/n), L = 1/(2n);
     * square/autoencoder: ||grad f|| = ||Yhat - Y||_F / n <= (rho_C + sqrt(n) rho_Y)/n, L = 1/n;
-    * convex-clustering: grad f = D^T u with ||u_g|| <= 1, so l = min(n(n-1)/2, sqrt(n)(n-1)), L = 1.
+    * convex-clustering: grad f = D^T u with ||u_ij|| <= 1 and ||D||^2 = n, so l = n sqrt((n-1)/2)
+      (attained by a far-apart regular simplex), L = 1.
     """
     if mode not in MODES:
         raise ChainError(f"unknown constants mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -71,9 +73,12 @@ def loss_constants(
             return LossConstants(output_bound + rho_y, 1.0, loss)
         return LossConstants((output_bound + math.sqrt(n) * rho_y) / n, 1.0 / n, loss)
     if loss == "convex-clustering":
-        lip = n * (n - 1) / 2
-        if mode == "tight":
-            lip = min(lip, math.sqrt(n) * (n - 1))
+        # grad f = D^T u with ||u_ij|| <= 1 and ||D||^2 = n (pair-difference operator), so
+        # ||grad f|| <= sqrt(n) sqrt(n(n-1)/2), attained by a far-apart regular simplex.
+        exact = n * math.sqrt((n - 1) / 2.0)
+        # RH Prop. B.1 prints n(n-1)/2, below the attained sup when n = 2: paper mode keeps the
+        # printed value only where it is sound (docs/tight-constants.md).
+        lip = exact if mode == "tight" else max(n * (n - 1) / 2, exact)
         return LossConstants(lip, 1.0, loss)
     raise ChainError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
 

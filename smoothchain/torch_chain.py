@@ -10,6 +10,8 @@ to register its constants with :func:`register_module`.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -297,8 +299,14 @@ def _weight_norm(leaf: nn.Module, part: Component) -> float:
     return math.sqrt(total)
 
 
-def torch_module(components: Sequence[Component]) -> nn.Sequential:
-    """An ``nn.Sequential`` implementing a component list (built-in models, tests)."""
+def torch_module(components: Sequence[Component], names: Sequence[str] | None = None) -> nn.Sequential:
+    """An ``nn.Sequential`` implementing a component list (built-in models, tests).
+
+    ``names`` (one per component, e.g. a built-in model's ``conv1``, ``conv1.act``) name the
+    submodules, with "." replaced by "_" as PyTorch requires; default: 0, 1, 2, ...
+    """
+    if names is not None and len(names) != len(components):
+        raise ChainError(f"got {len(names)} names for {len(components)} components")
     mods: list[nn.Module] = []
     for c in components:
         if isinstance(c, Linear):
@@ -331,7 +339,9 @@ def torch_module(components: Sequence[Component]) -> nn.Sequential:
             mods.append(nn.Identity())
         else:
             raise ChainError(f"no PyTorch module for component {c!r}")
-    return nn.Sequential(*mods)
+    if names is None:
+        return nn.Sequential(*mods)
+    return nn.Sequential(OrderedDict((n.replace(".", "_"), m) for n, m in zip(names, mods)))
 
 
 class EntryBatchNorm(nn.Module):
