@@ -19,6 +19,11 @@ The objective is F(w) = f(psi(w)) + r(w) with r(w) = l2/2 ||w||^2 and f one of
 * ``"square"``:        f(z) = 1/(2m) sum_i ||z_i - y_i||_2^2       (y shaped like the output),
 * ``"cross-entropy"``: f(z) = 1/m  sum_i -log softmax(z_i)[y_i]    (``F.cross_entropy``, mean;
   y class indices, or class probabilities shaped like the output),
+* ``"autoencoder"``:   the square loss with the inputs as targets, f(z) = 1/(2m) sum_i ||z_i - x_i||^2
+  (RH Sec. 2.2.2; y is not used),
+* ``"convex-clustering"``: RH eq. (25), the Moreau envelope of sum_{i<j} ||y_i - y_j|| (a sum over
+  the batch, as printed; y is not used), value and gradient by the solver of ``losses``; no
+  Hessian, so gradient steps only,
 
 m = the batch size (first dimension of the output).  Derivatives of f alone (grad f, Hessian-
 vector products) are not chain sweeps and are not counted (RH Prop. 3.5's proof ignores them).
@@ -34,8 +39,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from .losses import autoencoder_loss, convex_clustering
+
 __all__ = [
     "LOSSES",
+    "SECOND_ORDER_LOSSES",
     "OracleCounter",
     "AutodiffOracle",
     "make_loss",
@@ -46,7 +54,8 @@ __all__ = [
     "flat_dot",
 ]
 
-LOSSES = ("square", "cross-entropy")
+LOSSES = ("square", "cross-entropy", "autoencoder", "convex-clustering")
+SECOND_ORDER_LOSSES = ("square", "cross-entropy", "autoencoder")   # with a Hessian: GN, Newton
 
 Params = tuple[torch.Tensor, ...]
 
@@ -65,9 +74,13 @@ class OracleCounter:
         return self.backward_calls + self.linearize_calls
 
 
-def make_loss(loss: str, y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The loss f(z) for the batch output z (shape (m, ...)), averaged over the batch."""
+def make_loss(loss: str, y: torch.Tensor | None, x: torch.Tensor | None = None
+              ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The loss f(z) for the batch output z (shape (m, ...)); ``x`` (the inputs) is needed by
+    ``"autoencoder"``, ``y`` by the supervised losses."""
     if loss == "square":
+        if y is None:
+            raise ValueError("the square loss needs targets y")
 
         def f(z: torch.Tensor) -> torch.Tensor:
             if z.shape != y.shape:
@@ -77,9 +90,23 @@ def make_loss(loss: str, y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tens
             return 0.5 * ((z - y) ** 2).sum() / z.shape[0]
 
     elif loss == "cross-entropy":
+        if y is None:
+            raise ValueError("the cross-entropy loss needs targets y")
 
         def f(z: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(z, y, reduction="mean")
+
+    elif loss == "autoencoder":
+        if x is None:
+            raise ValueError("the autoencoder loss needs the inputs x (its targets)")
+
+        def f(z: torch.Tensor) -> torch.Tensor:
+            return autoencoder_loss(z, x)
+
+    elif loss == "convex-clustering":
+
+        def f(z: torch.Tensor) -> torch.Tensor:
+            return convex_clustering(z)
 
     else:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")

@@ -1,7 +1,9 @@
 """The three oracle steps of RH eqs. (12)-(14) on an ``nn.Sequential`` chain (public API).
 
-Objective F(w) = f(psi(w)) + r(w), r(w) = l2/2 ||w||^2 over all parameters, f the batch-mean
-loss (``autodiff.make_loss``).  Each function returns the direction w~* = w_{t+1} - w_t of
+Objective F(w) = f(psi(w)) + r(w), r(w) = l2/2 ||w||^2 over all parameters, f the loss
+(``autodiff.make_loss``): "square", "cross-entropy" (batch means), "autoencoder" (the square
+loss with targets x; y is not used) for every step, and "convex-clustering" (RH eq. (25), a
+Moreau envelope with no Hessian; y is not used) for the gradient step only.  Each function returns the direction w~* = w_{t+1} - w_t of
 
 * gradient (12):     argmin  <grad (f o psi)(w_t), w~> + <l2 w_t, w~> + 1/(2 gamma)||w~||^2
                      = -gamma (grad (f o psi)(w_t) + l2 w_t);
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .autodiff import LOSSES, OracleCounter, make_loss
+from .autodiff import LOSSES, SECOND_ORDER_LOSSES, OracleCounter, make_loss
 from .dense import dense_gauss_newton, dense_gradient, dense_newton
 from .dual import gauss_newton_dual
 from .lq import assemble_lq, gradient_dp, solve_lq
@@ -54,11 +56,15 @@ class StepResult:
     feasible: bool
 
 
-def _check(model, loss: str, l2, gamma, method: str, methods: tuple[str, ...]) -> tuple[float, float]:
+def _check(model, loss: str, l2, gamma, method: str, methods: tuple[str, ...],
+           losses: tuple[str, ...] = LOSSES) -> tuple[float, float]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if loss not in losses:
+        if loss in LOSSES:
+            raise ValueError(f"loss {loss!r} has no Hessian (RH Prop. B.1: a Moreau envelope, "
+                             f"C^1 only); this step needs one of {losses}; use gradient_step")
+        raise ValueError(f"loss must be one of {losses}, got {loss!r}")
     if method not in methods:
         raise ValueError(f"method must be one of {methods}, got {method!r}")
     try:
@@ -85,7 +91,7 @@ def _by_dp(model, x, f, l2, gamma, kind, counter):
 def gradient_step(model, x, y, *, loss, l2=0.0, gamma, method="dp") -> StepResult:
     """Gradient step (12): direction -gamma (grad (f o psi)(w_t) + l2 w_t); one oracle call by DP."""
     gamma, l2 = _check(model, loss, l2, gamma, method, ("dp", "dense"))
-    f, counter = make_loss(loss, y), OracleCounter()
+    f, counter = make_loss(loss, y, x), OracleCounter()
     if method == "dp":
         direction = gradient_dp(model, x, f, l2, gamma, counter)
     else:
@@ -95,8 +101,8 @@ def gradient_step(model, x, y, *, loss, l2=0.0, gamma, method="dp") -> StepResul
 
 def gauss_newton_step(model, x, y, *, loss, l2=0.0, gamma, method="dual") -> StepResult:
     """Regularised Gauss-Newton step (13); by the dual it uses <= 2q+1 oracle calls (Prop. 3.5)."""
-    gamma, l2 = _check(model, loss, l2, gamma, method, ("dual", "dp", "dense"))
-    f, counter = make_loss(loss, y), OracleCounter()
+    gamma, l2 = _check(model, loss, l2, gamma, method, ("dual", "dp", "dense"), SECOND_ORDER_LOSSES)
+    f, counter = make_loss(loss, y, x), OracleCounter()
     if method == "dual":
         direction, _ = gauss_newton_dual(model, x, f, l2, gamma, counter)
         feasible = True
@@ -109,8 +115,8 @@ def gauss_newton_step(model, x, y, *, loss, l2=0.0, gamma, method="dual") -> Ste
 
 def newton_step(model, x, y, *, loss, l2=0.0, gamma, method="dp") -> StepResult:
     """Newton step (14) by DP (Algo. 4), halving gamma until the step problem is strongly convex."""
-    gamma, l2 = _check(model, loss, l2, gamma, method, ("dp", "dense"))
-    f, counter = make_loss(loss, y), OracleCounter()
+    gamma, l2 = _check(model, loss, l2, gamma, method, ("dp", "dense"), SECOND_ORDER_LOSSES)
+    f, counter = make_loss(loss, y, x), OracleCounter()
     if method == "dp":
         direction, gamma, feasible = _by_dp(model, x, f, l2, gamma, "newton", counter)
     else:
