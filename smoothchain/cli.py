@@ -25,6 +25,13 @@ from .objective import LOSSES, MODES
 __all__ = ["main", "build_parser"]
 
 
+# Modules that add subcommands: each defines ``register(subparsers)``, which adds its parser(s)
+# and sets ``handler=`` (a function of the parsed args returning the exit status) with
+# ``set_defaults``.  They must import torch only inside their handlers, so that ``certify``
+# with a built-in or spec model stays torch-free.
+PLUGIN_COMMANDS: tuple[str, ...] = ("cli_analysis", "cli_train")
+
+
 class CLIError(Exception):
     """Bad command-line input: printed as one line, exit status 2."""
 
@@ -109,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--input-norm", type=_nonneg_float, default=1.0, metavar="X")
     v.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
     v.add_argument("--json", action="store_true")
+    for name in PLUGIN_COMMANDS:
+        importlib.import_module(f"{__package__}.{name}").register(sub)
     return parser
 
 
@@ -257,7 +266,7 @@ def _cmd_check(args) -> int:
 
         torch.manual_seed(args.seed)
         spec = builtin(args.model, bn_eps=args.bn_eps)
-        model = torch_module(spec.components)
+        model = torch_module(spec.components, spec.names)
         shape = parse_input_shape(args.input_shape) if args.input_shape else spec.input_shape
     result = check(
         model, input_shape=shape, batch_size=args.batch_size,
@@ -315,7 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handlers = {"certify": _cmd_certify, "check": _cmd_check, "vgg-study": _cmd_vgg_study}
     try:
-        return handlers[args.command](args)
+        handler = getattr(args, "handler", None) or handlers[args.command]
+        return handler(args)
     except (ChainError, CLIError) as err:
         print(f"smoothchain: error: {err}", file=sys.stderr)
         return 2

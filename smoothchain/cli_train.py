@@ -1,0 +1,167 @@
+"""``smoothchain train`` and ``smoothchain experiment {dsgd,prop21}`` (Flynn's DSGD, issue 5).
+
+Thin wrappers over :mod:`smoothchain.train` and :mod:`smoothchain.experiments`; torch is
+imported only inside the handlers.  See ``docs/train.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+__all__ = ["register"]
+
+_OPTIMIZERS = ("dsgd", "dsgd-all", "random", "sequential", "sgd-norm", "sgd", "gd",
+               "gauss-newton", "newton")
+
+
+def _q(text: str) -> float:
+    t = text.strip().lower()
+    if t in ("inf", "infinity"):
+        return math.inf
+    if t in ("1", "2"):
+        return float(t)
+    import argparse
+
+    raise argparse.ArgumentTypeError(f"q must be 1, 2 or inf, got {text!r}")
+
+
+def register(sub) -> None:
+    t = sub.add_parser("train", help="train F Sec. 5's network with DSGD or a baseline (metrics, "
+                                     "checkpoints, --resume, figures)")
+    t.add_argument("--optimizer", choices=_OPTIMIZERS, default="dsgd")
+    t.add_argument("--q", type=_q, default=2.0, help="layer norm: 1, 2 or inf (F Prop. 4.5)")
+    t.add_argument("--data", default="digits", help="digits, mnist1d or a directory with MNIST, "
+                   "Fashion-MNIST, CIFAR-10 or SVHN files")
+    t.add_argument("--hidden", type=int, default=300)
+    t.add_argument("--steps", type=int, default=100)
+    t.add_argument("--batch-size", type=int, default=0, help="0 = full batch (F's batch mode)")
+    t.add_argument("--lr", type=float, default=None, help="default: 1 for dsgd/dsgd-all, 0.1 otherwise")
+    t.add_argument("--out", default=None, help="directory for metrics.jsonl, checkpoint.pt, PNGs")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--checkpoint-every", type=int, default=50)
+    t.add_argument("--eval-every", type=int, default=10)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--limit", type=int, default=None, help="keep at most this many examples per split")
+    t.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    t.add_argument("--distributed", action="store_true",
+                   help="data-parallel over the torchrun processes (gloo); implied under torchrun")
+    t.add_argument("--no-plots", action="store_true")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(handler=_cmd_train)
+
+    e = sub.add_parser("experiment", help="F's experiments: dsgd (Sec. 5 protocol), prop21 (Sec. 2)")
+    e.add_argument("which", choices=("dsgd", "prop21"))
+    e.add_argument("--data", default="digits")
+    e.add_argument("--out", default=None, help="output directory (default: dsgd-experiment / prop21)")
+    e.add_argument("--hidden", type=int, default=300)
+    e.add_argument("--batch-steps", type=int, default=200)
+    e.add_argument("--minibatch-steps", type=int, default=200)
+    e.add_argument("--tune-steps", type=int, default=50)
+    e.add_argument("--batch-size", type=int, default=128)
+    e.add_argument("--qs", default="1,2,inf", help="comma-separated subset of 1,2,inf")
+    e.add_argument("--grid", default="0.001,0.01,0.1,1,10", help="step sizes to tune over")
+    e.add_argument("--limit", type=int, default=None)
+    e.add_argument("--eval-every", type=int, default=10)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--eps-max", type=float, default=1000.0, help="prop21: end of the curve")
+    e.add_argument("--points", type=int, default=25, help="prop21: points on the curve")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(handler=_cmd_experiment)
+
+
+def _dataset_error(exc):
+    from .cli import CLIError
+
+    return CLIError(str(exc))
+
+
+def _cmd_train(args) -> int:
+    from .cli import CLIError
+    from .data import DatasetNotFoundError
+    from .distributed import in_torchrun
+    from .train import TrainConfig, train
+
+    if args.steps < 0 or args.batch_size < 0 or args.hidden < 1:
+        raise CLIError("--steps and --batch-size must be >= 0 and --hidden >= 1")
+    if args.checkpoint_every < 1 or args.eval_every < 1:
+        raise CLIError("--checkpoint-every and --eval-every must be >= 1")
+    if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
+        raise CLIError(f"--lr must be positive, got {args.lr}")
+    if args.resume and not args.out:
+        raise CLIError("--resume needs --out DIR")
+    cfg = TrainConfig(optimizer=args.optimizer, q=args.q, data=args.data, hidden=args.hidden,
+                      steps=args.steps, batch_size=args.batch_size, lr=args.lr, out=args.out,
+                      resume=args.resume, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                      eval_every=args.eval_every, limit=args.limit, dtype=args.dtype,
+                      distributed=args.distributed or in_torchrun(), plots=not args.no_plots)
+    ctx = None
+    try:
+        if cfg.distributed:
+            from .distributed import Context
+
+            ctx = Context.from_env()
+        summary = train(cfg, progress=True, dist_ctx=ctx)
+    except DatasetNotFoundError as exc:
+        raise _dataset_error(exc) from None
+    except (ValueError, FileNotFoundError) as exc:
+        raise CLIError(str(exc)) from None
+    finally:
+        if ctx is not None:
+            ctx.close()
+    if ctx is None or ctx.rank == 0:
+        if args.json:
+            print(json.dumps(summary))
+        else:
+            f = summary["final"] or {}
+            print(f"{summary['optimizer']} q={summary['q']}: {summary['steps']} steps, train error "
+                  f"{f.get('train_error')}, test accuracy {f.get('test_accuracy')}, layer updates "
+                  f"{summary['counts']}", file=sys.stdout)
+    return 0
+
+
+def _cmd_experiment(args) -> int:
+    from .cli import CLIError
+    from .data import DatasetNotFoundError
+
+    if args.which == "prop21":
+        from .experiments import prop21
+
+        if args.points < 2 or not args.eps_max > 0:
+            raise CLIError("--points must be >= 2 and --eps-max > 0")
+        res = prop21(args.out or "prop21", eps_max=args.eps_max, points=args.points)
+        if args.json:
+            print(json.dumps(res))
+        else:
+            last = res["rows"][-1]
+            print(f"eps={last['eps']:g}: ||H||={last['hessian_norm']:.4g}, blocks {last['block_norms']}, "
+                  f"p_i^2 {last['p_squared']}; figure {res['figures']}")
+        return 0
+    from .experiments import dsgd_experiment
+
+    try:
+        qs = [_q(t) for t in args.qs.split(",") if t.strip()]
+        grid = [float(t) for t in args.grid.split(",") if t.strip()]
+    except Exception as exc:  # argparse.ArgumentTypeError or ValueError
+        raise CLIError(f"bad --qs or --grid: {exc}") from None
+    if not qs or not grid or any(not (g > 0) for g in grid):
+        raise CLIError("--qs and --grid must be non-empty, step sizes positive")
+    for name in ("batch_steps", "minibatch_steps", "tune_steps", "batch_size", "hidden", "eval_every"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 1")
+    try:
+        res = dsgd_experiment(args.data, out=args.out or "dsgd-experiment", hidden=args.hidden,
+                              batch_steps=args.batch_steps, minibatch_steps=args.minibatch_steps,
+                              tune_steps=args.tune_steps, batch_size=args.batch_size, qs=qs,
+                              grid=grid, limit=args.limit, seed=args.seed,
+                              eval_every=args.eval_every, progress=True)
+    except DatasetNotFoundError as exc:
+        raise _dataset_error(exc) from None
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"report: {res['report']}")
+    return 0

@@ -1,0 +1,301 @@
+"""Layer-wise smoothness polynomials p_i(w) of F Prop. 4.3, for mixed widths and biases.
+
+Network (F Sec. 4): y^0 = x, y^i = sigma_i([W_i | b_i] [y^{i-1}; 1]) for i = 1..K, objective
+f(w) = mean_j ||y^K(w; x_j) - z_j||_2^2 (F eqs. 21-22, no 1/2).  Every layer ends with a bounded
+activation (F Assumption 4.1 i), inputs and targets satisfy ||x||_inf, ||z||_inf <= D
+(``data_bound``; F Assumption 4.1 ii has D = 1).  Layer matrices carry the operator norm
+||.||_q of (R^{n_{i-1}(+1)}, ||.||_q) -> (R^{n_i}, ||.||_q) (F Assumption 4.2).
+
+Per layer i write alpha_i = ||sigma_i'||_inf, beta_i = ||sigma_i''||_inf, z_i = ||[W_i | b_i]||_q
+and c_i = sup ||[y^{i-1}; 1]||_q (the q-norm of the layer's augmented input).  Then
+
+* r^(i) = prod_{j=i+1..K} alpha_j z_j                     (bound on ||d y^K / d y^i||, F eq. 59)
+* v^(K) = 0,  v^(i-1) = alpha_i^2 z_i^2 v^(i) + beta_i z_i^2 r^(i)
+                                                         (bound on ||d^2 y^K / d (y^i)^2||, F 60)
+* s_i = c_i^2 (d_{q,2} alpha_i^2 (r^(i))^2 + d_{q,1} alpha_i^2 v^(i) + d_{q,1} beta_i r^(i))
+* p_i(w) = sqrt(s_i + 1)                                  (F eq. 23)
+
+and ||d^2 f / d w_i^2 (w)||_q <= s_i < p_i(w)^2.  The backward recursion for v is the expansion
+of F's forward recursion v_n = beta z_n^2 r_{n-1}^2 + alpha z_n v_{n-1} read from the other end
+(both equal sum_m beta_m z_m^2 (prod_{j<m} alpha_j z_j)^2 prod_{j>m} alpha_j z_j); with one
+activation and equal widths it is exactly F's p_i.
+
+Which dimension enters which constant (F Table 1 assumes n_0 = ... = n_K = n):
+
+* c_i is the bound on ||y^{i-1}||_q in (61)-(62): the *input width of layer i*, plus one for the
+  bias' constant input.  Hidden inputs lie in [-1, 1]:  c_i = (n_{i-1} + [bias])^{1/q}
+  (q = inf: 1).  The first layer sees data: c_1 = (n_0 D^q + [bias])^{1/q}
+  (q = inf: max(D, [bias])).  With D = 1 and no bias this is Table 1's c_q = n^{1/q}.
+* d_{q,1} = sup ||dJ/dy||_{q,*} = sup ||2 (y - z)||_{q'} and d_{q,2} = ||d^2 J/dy^2||_q
+  (the bilinear norm of 2 I on (R^{n_K}, ||.||_q)) concern the loss J(y) = ||y - z||^2 on the
+  *output width n_K*:  |y_k - z_k| <= 1 + D gives d_{q,1} = 2 (1 + D) n_K^{1 - 1/q}, and
+  d_{q,2} = 2 n_K^{max(0, 1 - 2/q)}.  With D = 1: Table 1 (4, 4 sqrt n, 4n; 2, 2, 2n).
+* the weights' operator norms z_j (rectangular matrices, any widths) handle everything in
+  between; a bias column only enlarges z_j (||[W | b]||_q >= ||W||_q, restriction to the
+  subspace whose last coordinate is 0), so the chain bounds remain valid with [W | b].
+
+Activation constants (F leaves them symbolic; these are the exact suprema):
+sigmoid: |sigma| <= 1, alpha = 1/4, beta = 1/(6 sqrt 3) (at sigma = 1/2 -+ 1/(2 sqrt 3));
+tanh: |sigma| <= 1, alpha = 1, beta = 4/(3 sqrt 3) (at tanh = 1/sqrt 3).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .norms import check_q, matrix_norm
+
+__all__ = [
+    "ACTIVATIONS",
+    "ActivationConstants",
+    "LayerSpec",
+    "parse_model",
+    "input_norm_bound",
+    "loss_constants",
+    "layer_bounds",
+    "layer_bounds_from_norms",
+    "layer_matrix",
+    "check_data",
+    "objective",
+    "check_data_bound",
+]
+
+
+@dataclass(frozen=True)
+class ActivationConstants:
+    """Sup-norm constants of an element-wise activation (F Assumption 4.1 i)."""
+
+    name: str
+    bound: float  # ||sigma||_inf, must be <= 1
+    d1: float  # ||sigma'||_inf
+    d2: float  # ||sigma''||_inf
+
+
+#: Supported bounded activations; extend with your own nn.Module types if their constants hold.
+ACTIVATIONS: dict[type, ActivationConstants] = {
+    nn.Sigmoid: ActivationConstants("sigmoid", 1.0, 0.25, 1.0 / (6.0 * math.sqrt(3.0))),
+    nn.Tanh: ActivationConstants("tanh", 1.0, 1.0, 4.0 / (3.0 * math.sqrt(3.0))),
+}
+
+# modules that leave values unchanged (Flatten is allowed only before the first Linear)
+_NEUTRAL = (nn.Identity,)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One layer y = sigma([W | b] [y_prev; 1]) of a parsed model (index is 1-based)."""
+
+    index: int
+    linear: nn.Linear
+    activation: ActivationConstants
+    in_features: int
+    out_features: int
+    bias: bool
+
+
+def _leaves(model: nn.Module):
+    if isinstance(model, nn.Sequential):
+        for child in model:
+            yield from _leaves(child)
+    else:
+        yield model
+
+
+def _activation_constants(mod: nn.Module) -> ActivationConstants | None:
+    for typ in type(mod).__mro__:
+        if typ in ACTIVATIONS:
+            return ACTIVATIONS[typ]
+    return None
+
+
+def parse_model(model: nn.Module) -> list[LayerSpec]:
+    """Read an ``nn.Sequential`` of (``nn.Linear``, bounded activation) pairs.
+
+    ``nn.Flatten`` may precede the first Linear and ``nn.Identity`` may appear anywhere.  Raises
+    ``ValueError`` naming the offending module when F Assumption 4.1 (i) fails: an unbounded or
+    unsupported module (ReLU, Softplus, ...), a Linear not followed by a bounded activation
+    (including a last layer without activation), or two activations in a row.
+    """
+    if not isinstance(model, nn.Sequential):
+        raise ValueError(
+            f"DSGD needs an nn.Sequential of nn.Linear layers each followed by a bounded "
+            f"activation (F Sec. 4), got {type(model).__name__}")
+    leaves = list(_leaves(model))
+    layers: list[LayerSpec] = []
+    pending: nn.Linear | None = None
+    for pos, mod in enumerate(leaves):
+        where = f"module {pos} ({type(mod).__name__})"
+        if isinstance(mod, _NEUTRAL):
+            continue
+        if isinstance(mod, nn.Flatten):
+            if layers or pending is not None:
+                raise ValueError(f"{where}: Flatten is only supported before the first Linear")
+            continue
+        if isinstance(mod, nn.Linear):
+            if pending is not None:
+                raise ValueError(
+                    f"{where}: Linear layer {len(layers) + 1} is not followed by a bounded "
+                    f"activation (F Assumption 4.1 i needs |sigma| <= 1 after every layer)")
+            pending = mod
+            continue
+        act = _activation_constants(mod)
+        if act is None:
+            raise ValueError(
+                f"{where} is not a supported bounded activation: F Assumption 4.1 (i) needs "
+                f"|sigma| <= 1 with bounded sigma', sigma'' (supported: "
+                f"{', '.join(t.__name__ for t in ACTIVATIONS)}; extend "
+                f"smoothchain.dsgd.bounds.ACTIVATIONS for others)")
+        if pending is None:
+            raise ValueError(f"{where}: activation without a preceding Linear layer")
+        if not (0.0 <= act.bound <= 1.0):
+            raise ValueError(f"{where}: activation bound {act.bound} exceeds 1 (F Assumption 4.1 i)")
+        layers.append(LayerSpec(len(layers) + 1, pending, act, pending.in_features,
+                                pending.out_features, pending.bias is not None))
+        pending = None
+    if pending is not None:
+        raise ValueError(
+            f"Linear layer {len(layers) + 1} (the last) has no bounded activation after it: the "
+            f"output is unbounded, so F Assumption 4.1 (i) and the bounds d_q1, d_q2 fail")
+    if not layers:
+        raise ValueError("the model has no nn.Linear layer")
+    for a, b in zip(layers, layers[1:]):
+        if b.in_features != a.out_features:
+            raise ValueError(f"layer {b.index} expects {b.in_features} inputs but layer {a.index} "
+                             f"has {a.out_features} outputs")
+    return layers
+
+
+def layer_matrix(spec: LayerSpec, grad: bool = False) -> torch.Tensor:
+    """[W | b] (or [dW | db] with ``grad=True``; a missing gradient counts as zero), detached."""
+    lin = spec.linear
+    W = lin.weight.grad if grad else lin.weight
+    if W is None:
+        W = torch.zeros_like(lin.weight)
+    if not spec.bias:
+        return W.detach()
+    b = lin.bias.grad if grad else lin.bias
+    if b is None:
+        b = torch.zeros_like(lin.bias)
+    return torch.cat([W.detach(), b.detach().reshape(-1, 1)], dim=1)
+
+
+def check_data_bound(data_bound) -> float:
+    try:
+        D = float(data_bound)
+    except (TypeError, ValueError):
+        raise ValueError(f"data_bound must be a positive number, got {data_bound!r}") from None
+    if not (D > 0 and math.isfinite(D)):
+        raise ValueError(f"data_bound must be positive and finite, got {data_bound!r}")
+    return D
+
+
+def input_norm_bound(width: int, bias: bool, q: float, entry_bound: float = 1.0) -> float:
+    """sup ||[y; 1]||_q over y in [-B, B]^width (without the 1 if no bias): the c of layer i."""
+    q = check_q(q)
+    B = float(entry_bound)
+    if q == math.inf:
+        return max(B, 1.0) if bias else B
+    return (width * B**q + (1.0 if bias else 0.0)) ** (1.0 / q)
+
+
+def loss_constants(n_out: int, q: float, data_bound: float = 1.0) -> tuple[float, float]:
+    """(d_{q,1}, d_{q,2}) for J(y) = ||y - z||_2^2 on R^{n_out} with |y_k| <= 1, |z_k| <= D.
+
+    d_{q,1} = 2 (1 + D) n_out^{1 - 1/q} (the dual q'-norm of 2(y - z)), d_{q,2} =
+    2 n_out^{max(0, 1 - 2/q)} (||I||_{q -> q'}).  F Table 1 at D = 1.
+    """
+    q = check_q(q)
+    D = check_data_bound(data_bound)
+    inv_q = 0.0 if q == math.inf else 1.0 / q
+    d1 = 2.0 * (1.0 + D) * n_out ** (1.0 - inv_q)
+    d2 = 2.0 * n_out ** max(0.0, 1.0 - 2.0 * inv_q)
+    return d1, d2
+
+
+def layer_bounds_from_norms(layers: Sequence[LayerSpec], norms: Sequence[float], q,
+                            data_bound: float = 1.0) -> list[float]:
+    """p_1..p_K from the layers' operator norms z_i = ||[W_i | b_i]||_q (z_1 is never used)."""
+    q = check_q(q)
+    D = check_data_bound(data_bound)
+    K = len(layers)
+    if len(norms) != K:
+        raise ValueError(f"need {K} layer norms, got {len(norms)}")
+    d1, d2 = loss_constants(layers[-1].out_features, q, D)
+    p = [0.0] * K
+    r, v = 1.0, 0.0  # r^(K), v^(K): the identity map after the last layer
+    for i in range(K - 1, -1, -1):  # 0-based i is F's layer i+1
+        spec = layers[i]
+        a, bb = spec.activation.d1, spec.activation.d2
+        entry = D if i == 0 else 1.0
+        c = input_norm_bound(spec.in_features, spec.bias, q, entry)
+        s = c * c * (d2 * a * a * r * r + d1 * a * a * v + d1 * bb * r)
+        p[i] = math.sqrt(s + 1.0)
+        z = float(norms[i])
+        v, r = a * a * z * z * v + bb * z * z * r, a * z * r
+    return p
+
+
+def _check_finite(layers: Sequence[LayerSpec]) -> None:
+    for spec in layers:
+        for name in ("weight", "bias"):
+            t = getattr(spec.linear, name)
+            if t is None:
+                continue
+            if not torch.isfinite(t).all():
+                bad = t.detach()[~torch.isfinite(t.detach())].flatten()[0].item()
+                raise ValueError(f"layer {spec.index} {name} contains a non-finite value ({bad})")
+
+
+def layer_bounds(model: nn.Module, q, data_bound: float = 1.0) -> list[float]:
+    """p_i(w), i = 1..K, of F Prop. 4.3 for ``model`` at its current weights.
+
+    ``||d^2 f / d w_i^2 (w)||_q <= p_i(w)^2`` for the objective mean ||y^K - z||_2^2 on any data
+    with ||x||_inf, ||z||_inf <= ``data_bound``, the layer matrices being [W_i | b_i] with the
+    operator q-norm.  Spectral norms are exact (float64 eigenvalues), so p_i is an upper bound.
+    """
+    q = check_q(q)
+    D = check_data_bound(data_bound)
+    layers = parse_model(model)
+    _check_finite(layers)
+    norms = [0.0] + [matrix_norm(layer_matrix(s), q) for s in layers[1:]]
+    return layer_bounds_from_norms(layers, norms, q, D)
+
+
+def check_data(x: torch.Tensor, z: torch.Tensor | None = None, data_bound: float = 1.0, *,
+               rescale: bool = False):
+    """Check F Assumption 4.1 (ii): ||x||_inf <= D and ||z||_inf <= D.
+
+    Raises ``ValueError`` naming the tensor ("inputs" / "targets") and its largest |entry| when
+    the bound fails (or an entry is not finite).  With ``rescale=True`` an offending tensor is
+    divided by max|entry| / D instead and returned; the result is ``(x, z)``.  Rescaling
+    targets changes the problem (the loss scales by the square of the factor): ask for it only
+    if that is what you want.
+    """
+    D = check_data_bound(data_bound)
+    out = []
+    for name, t in (("inputs", x), ("targets", z)):
+        if t is None:
+            out.append(None)
+            continue
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name} contain a non-finite value; F Assumption 4.1 (ii) fails")
+        m = t.detach().abs().max().item() if t.numel() else 0.0
+        if m > D:
+            if not rescale:
+                raise ValueError(
+                    f"{name} violate F Assumption 4.1 (ii): max |entry| = {m:.6g} > data_bound "
+                    f"= {D:.6g} (pass a larger data_bound, or rescale=True to divide by {m / D:.6g})")
+            t = t * (D / m)
+        out.append(t)
+    return out[0], out[1]
+
+
+def objective(model: nn.Module, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """F eqs. (21)-(22): the batch mean of ||model(x) - z||_2^2 (no 1/2), summed over outputs."""
+    err = model(x) - z
+    return err.pow(2).reshape(err.shape[0], -1).sum(dim=1).mean()

@@ -1,0 +1,218 @@
+"""Experiments of Flynn's paper ("F"): the Sec. 5 protocol and the Sec. 2 motivating example.
+
+* :func:`dsgd_experiment` -- F Sec. 5 and its appendix: one hidden layer of sigmoid units
+  (default 300), squared loss (F eqs. 21-22), uniform [-1, 1] initialisation.
+  (1) Batch mode (F Sec. 5.1, Figs. 2, 3, 7): DSGD with the theoretical lr = 1 against RANDOM and
+  SEQUENTIAL, whose step sizes are tuned: each candidate in ``grid`` (default {0.001, 0.01, 0.1,
+  1, 10}) trains on 5/6 of the training set for ``tune_steps`` steps and the one with the
+  smallest validation error (on the withheld 1/6) is used for the full run.
+  (2) Mini-batch mode (F Sec. 5.2, Figs. 4, 5): DSGD_ALL against SGD with Euclidean updates
+  (SGD_STANDARD) and with q-norm duality updates (SGD_q), all tuned the same way.
+  Writes ``report.md``, ``results.json`` and the figures to ``out``.
+* :func:`prop21` -- F Sec. 2, Prop. 2.1: along w(eps) = (1, 1, eps, (y - eps sigma(1)) / sigma(1))
+  the Hessian of E(w) = sigma(w3 sigma(w1) + w4 sigma(w2))^2 grows linearly in eps (F's proof:
+  d^2E / dw1 dw3 = a eps + b with a > 0 for y <= 0), while every layer block stays below DSGD's
+  local bound p_i(w)^2 (F Prop. 4.3), i.e. F Assumption 3.5 holds with L = 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+__all__ = ["dsgd_experiment", "prop21", "GRID"]
+
+GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
+
+
+def _q_label(q) -> str:
+    return "inf" if q == math.inf else str(int(q))
+
+
+def dsgd_experiment(data: str = "digits", *, out: str | Path = "dsgd-experiment", hidden: int = 300,
+                    batch_steps: int = 200, minibatch_steps: int = 200, tune_steps: int = 50,
+                    batch_size: int = 128, qs=(1, 2, math.inf), grid=GRID, limit: int | None = None,
+                    seed: int = 0, eval_every: int = 10, progress: bool = True) -> dict:
+    """F Sec. 5 protocol on ``data`` (see the module docstring); returns the results dict."""
+    from .data import load_dataset, validation_split
+    from .train import TrainConfig, plot_metrics, train
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ds = load_dataset(data, limit=limit)
+    tune_train, tune_val = validation_split(ds, 1 / 6, seed=seed)
+    # validation examples play the role of the test set while tuning
+    tune_ds = replace(tune_train, x_test=tune_val.x_train, y_test=tune_val.y_train,
+                      labels_test=tune_val.labels_train)
+    qs = [float(q) for q in qs]
+
+    def run(opt, q, lr, steps, bs, d=ds):
+        cfg = TrainConfig(optimizer=opt, q=q, hidden=hidden, steps=steps, batch_size=bs, lr=lr,
+                          seed=seed, eval_every=eval_every, plots=False)
+        holder: dict = {}
+        s = train(cfg, data=d, progress=progress, metrics_out=holder)
+        return s, holder["metrics"]
+
+    def tune(opt, q, bs):
+        scores = {}
+        for lr in grid:
+            s, _ = run(opt, q, lr, tune_steps, bs, tune_ds)
+            err = s["final"]["test_accuracy"] if s["final"] else 0.0
+            scores[lr] = math.inf if s["diverged"] else 1.0 - err  # validation error
+        best = min(grid, key=lambda lr: (scores[lr], lr))
+        return best, scores
+
+    results: dict = {"data": ds.name, "hidden": hidden, "grid": list(grid), "batch": {}, "minibatch": {},
+                     "batch_steps": batch_steps, "minibatch_steps": minibatch_steps,
+                     "tune_steps": tune_steps, "batch_size": batch_size}
+    figures = []
+    # ---- (1) batch mode: DSGD (lr = 1) vs RANDOM / SEQUENTIAL (tuned) -----------------------
+    for q in qs:
+        ql = _q_label(q)
+        runs, entry = {}, {}
+        s, m = run("dsgd", q, 1.0, batch_steps, 0)
+        runs["DSGD"] = m
+        entry["dsgd"] = {"lr": 1.0, "final": s["final"], "counts": s["counts"]}
+        best_name, best_err = None, math.inf
+        for opt in ("random", "sequential"):
+            lr, scores = tune(opt, q, 0)
+            s, m = run(opt, q, lr, batch_steps, 0)
+            entry[opt] = {"lr": lr, "validation_error": {str(k): v for k, v in scores.items()},
+                          "final": s["final"], "counts": s["counts"]}
+            err = s["final"]["train_error"] if s["final"] else math.inf
+            runs[opt.upper()] = m
+            if err < best_err:
+                best_name, best_err = opt, err
+        entry["best_layerwise"] = best_name
+        results["batch"][ql] = entry
+        figures += plot_metrics(runs, out, layerwise=True, prefix=f"batch_q{ql}_")
+    # ---- (2) mini-batch mode: DSGD_ALL vs SGD variants (all tuned) -------------------------
+    runs = {}
+    s_lr, s_scores = tune("sgd", 2.0, batch_size)
+    s, m = run("sgd", 2.0, s_lr, minibatch_steps, batch_size)
+    runs["SGD_STANDARD"] = m
+    results["minibatch"]["sgd_standard"] = {"lr": s_lr, "final": s["final"]}
+    for q in qs:
+        ql = _q_label(q)
+        for opt, label in (("dsgd-all", f"DSGD_ALL q={ql}"), ("sgd-norm", f"SGD q={ql}")):
+            lr, scores = tune(opt, q, batch_size)
+            s, m = run(opt, q, lr, minibatch_steps, batch_size)
+            runs[label] = m
+            results["minibatch"][f"{opt}_q{ql}"] = {"lr": lr, "final": s["final"]}
+    figures += plot_metrics(runs, out, layerwise=False, prefix="minibatch_")
+    results["figures"] = [Path(f).name for f in figures]
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "report.md").write_text(_report(results))
+    results["report"] = str(out / "report.md")
+    return results
+
+
+def _fmt(x, pct=True):
+    if x is None:
+        return "-"
+    return f"{100 * x:.2f} %" if pct else f"{x:.4g}"
+
+
+def _report(r: dict) -> str:
+    lines = [f"# DSGD experiment (Flynn Sec. 5) on `{r['data']}`", "",
+             f"Network: one hidden layer of {r['hidden']} sigmoid units, sigmoid outputs, squared loss "
+             "(F eqs. 21-22), weights and biases ~ U[-1, 1].  Step sizes of all methods but batch DSGD "
+             f"are tuned over {r['grid']} on 5/6 of the training set ({r['tune_steps']} steps), "
+             "choosing the smallest error on the withheld 1/6.", "",
+             f"## Batch mode ({r['batch_steps']} full-batch steps, F Sec. 5.1)", "",
+             "| q | method | lr | train error | test accuracy | layer updates |", "|---|---|---|---|---|---|"]
+    for ql, e in r["batch"].items():
+        for name in ("dsgd", "random", "sequential"):
+            f = e[name]["final"] or {}
+            lines.append(f"| {ql} | {name.upper()} | {e[name]['lr']:g} | {_fmt(f.get('train_error'))} | "
+                         f"{_fmt(f.get('test_accuracy'))} | {e[name]['counts']} |")
+    lines += [""]
+    for ql in r["batch"]:
+        lines += [f"q = {ql}: ![training error](batch_q{ql}_training_error.png) "
+                  f"![test accuracy](batch_q{ql}_test_accuracy.png) "
+                  f"![layer updates](batch_q{ql}_layer_updates.png)", ""]
+    lines += [f"## Mini-batch mode ({r['minibatch_steps']} steps of batch {r['batch_size']}, F Sec. 5.2)", "",
+              "| method | lr | train error | test accuracy |", "|---|---|---|---|"]
+    for name, e in r["minibatch"].items():
+        f = e["final"] or {}
+        lines.append(f"| {name} | {e['lr']:g} | {_fmt(f.get('train_error'))} | {_fmt(f.get('test_accuracy'))} |")
+    lines += ["", "![training error](minibatch_training_error.png) "
+              "![test accuracy](minibatch_test_accuracy.png)", ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# F Sec. 2, Prop. 2.1
+# ------------------------------------------------------------------------------------------------
+
+
+def prop21_quantities(eps: float, y: float = -1.0) -> dict:
+    """Hessian of E at w(eps) (float64, torch.func.hessian), its spectral norm, the layer blocks'
+    norms and DSGD's bounds p_i(w)^2 (q = 2) for the network as an nn.Sequential."""
+    import torch
+    from torch import nn
+
+    from .dsgd import layer_bounds
+
+    s1 = 1.0 / (1.0 + math.exp(-1.0))
+    w = torch.tensor([1.0, 1.0, eps, (y - eps * s1) / s1], dtype=torch.float64)
+
+    def E(w):  # F eq. (2): input 1, target 0
+        h = torch.sigmoid(w[0:2])
+        return torch.sigmoid(w[2] * h[0] + w[3] * h[1]) ** 2
+
+    H = torch.func.hessian(E)(w)
+    hn = float(torch.linalg.eigvalsh(H).abs().max())
+    net = nn.Sequential(nn.Linear(1, 2, bias=False), nn.Sigmoid(), nn.Linear(2, 1, bias=False),
+                        nn.Sigmoid()).double()
+    with torch.no_grad():
+        net[0].weight.copy_(w[0:2].reshape(2, 1))
+        net[2].weight.copy_(w[2:4].reshape(1, 2))
+    p = layer_bounds(net, 2)
+    blocks = [float(torch.linalg.eigvalsh(H[0:2, 0:2]).abs().max()),
+              float(torch.linalg.eigvalsh(H[2:4, 2:4]).abs().max())]
+    return {"eps": eps, "hessian_norm": hn, "d2E_dw1dw3": float(H[0, 2]),
+            "block_norms": blocks, "p_squared": [pi * pi for pi in p],
+            "local_constant": max(b / (pi * pi) for b, pi in zip(blocks, p))}
+
+
+def prop21(out: str | Path | None = None, *, eps_max: float = 1000.0, points: int = 25,
+           y: float = -1.0) -> dict:
+    """Tabulate :func:`prop21_quantities` on eps in [0, eps_max]; write prop21.json/.png to out."""
+    if y > 0:
+        raise ValueError(f"F Prop. 2.1's curve needs y <= 0, got y = {y}")
+    epss = [eps_max * k / (points - 1) for k in range(points)]
+    rows = [prop21_quantities(e, y) for e in epss]
+    s1 = 1.0 / (1.0 + math.exp(-1.0))
+    sp1 = s1 * (1 - s1)
+    sy = 1.0 / (1.0 + math.exp(-y))
+    spy = sy * (1 - sy)
+    sppy = spy * (1 - 2 * sy)
+    slope = 2 * sy * sppy * s1 * sp1 + 2 * spy * s1 * spy * sp1  # F's proof: coefficient of eps
+    res = {"y": y, "rows": rows, "slope_predicted": slope, "intercept_predicted": 2 * sy * spy * sp1,
+           "figures": []}
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        ax.plot(epss, [r["hessian_norm"] for r in rows], label="||Hessian of E||_2 (unbounded)")
+        ax.plot(epss, [r["block_norms"][0] for r in rows], label="||H_11|| (layer 1 block)")
+        ax.plot(epss, [r["p_squared"][0] for r in rows], "--", label="p_1(w)^2 (DSGD bound, layer 1)")
+        ax.plot(epss, [r["block_norms"][1] for r in rows], label="||H_22|| (layer 2 block)")
+        ax.plot(epss, [r["p_squared"][1] for r in rows], "--", label="p_2(w)^2 (DSGD bound, layer 2)")
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.set_xlabel("eps along F's curve w(eps)")
+        ax.legend(fontsize=7, loc="upper right")
+        fig.tight_layout()
+        fig.savefig(out / "prop21.png", dpi=90)
+        plt.close(fig)
+        res["figures"] = [str(out / "prop21.png")]
+        (out / "prop21.json").write_text(json.dumps(res, indent=2) + "\n")
+    return res
