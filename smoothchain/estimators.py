@@ -11,8 +11,8 @@ RH (long version) Fact A.3 gives, on a convex set C,
 
 and the objective F(w) = f(psi(w)) + lambda/2 ||w||^2 is L_F-smooth with L_F >= the largest
 |eigenvalue| of its Hessian anywhere on C.  The functions below estimate these quantities AT ONE
-POINT with torch.func (jvp, vjp, double-backward Hessian-vector products on a recorded gradient graph); nothing of size
-q x p or p x p is formed.
+POINT with torch.func (jvp, vjp) and double-backward Hessian-vector products on a recorded
+gradient graph; nothing of size q x p or p x p is formed.
 
 Every estimate is a LOWER bound of the quantity at ``w`` (it is the value of the sup at explicit
 unit vectors, or a Ritz value), hence of the sup over C: an estimate above a certified bound
@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -87,13 +87,44 @@ def flat_parameters(model: nn.Module) -> Tensor:
     return torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()]).clone()
 
 
+class _TrainModeBatchNorm(nn.Module):
+    """Batch norm with batch statistics (RH eq. 11, per channel), written with elementary ops.
+
+    Replaces a training-mode ``nn.BatchNorm*d`` inside the functional copy: it tracks no running
+    statistics, and -- the reason it exists -- its higher derivatives are right in every AD
+    mode.  PyTorch's fused ``batch_norm`` has wrong second-order forward-mode derivatives
+    (nested ``jvp``; pytorch/pytorch#196699) and wrong third-order reverse ones (#186256), which
+    would silently corrupt the second-derivative estimates and the ascent of :mod:`.check`
+    (tests/test_estimators.py checks every mode against finite differences).  Keeps the
+    module's ``weight``/``bias`` Parameters, so ``named_parameters()`` is unchanged.
+    """
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        self.eps = float(bn.eps)
+        self.weight = bn.weight  # Parameter or None; same object, same name
+        self.bias = bn.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        dims = [0, *range(2, x.dim())]
+        mean = x.mean(dim=dims, keepdim=True)
+        var = (x - mean).pow(2).mean(dim=dims, keepdim=True)  # biased, as batch norm normalises
+        out = (x - mean) / torch.sqrt(var + self.eps)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        if self.weight is not None:
+            out = out * self.weight.view(shape)
+        if self.bias is not None:
+            out = out + self.bias.view(shape)
+        return out
+
+
 def _functional_forward(model: nn.Module, x: Tensor) -> tuple[Callable[[Tensor], Tensor], Tensor]:
     """``forward(w)`` = the model's (unflattened) output on ``x`` with flat weights ``w``.
 
     The model is copied (sharing its parameter tensors, which are never written) so that later
     changes to it do not affect ``forward`` and ``forward`` never writes to it: batch-norm modules
-    in training mode lose their running statistics in the copy (they normalise with the batch
-    statistics, as in training, and track nothing); batch norms in eval mode keep theirs, read
+    in training mode are replaced in the copy by :class:`_TrainModeBatchNorm` (they normalise with
+    the batch statistics, as in training, and track nothing); batch norms in eval mode keep theirs, read
     only; dropout modules are put in eval mode (the identity), so that ``forward`` is a
     deterministic function of ``w``.
     """
@@ -104,12 +135,13 @@ def _functional_forward(model: nn.Module, x: Tensor) -> tuple[Callable[[Tensor],
         raise ValueError("the model has no parameters")
     memo = {id(p): p for _, p in named}  # share parameters: they are replaced in every call
     net = copy.deepcopy(model, memo)
-    for mod in net.modules():
+    for name, mod in list(net.named_modules()):
         if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:
-            mod.track_running_stats = False
-            mod.running_mean = None
-            mod.running_var = None
-            mod.num_batches_tracked = None
+            if name:
+                parent, _, attr = name.rpartition(".")
+                setattr(net.get_submodule(parent), attr, _TrainModeBatchNorm(mod))
+            else:
+                net = _TrainModeBatchNorm(mod)
         elif isinstance(mod, nn.modules.dropout._DropoutNd):
             mod.eval()
     names = [n for n, _ in named]
@@ -271,89 +303,146 @@ def jacobian_norm(psi: Psi, w: Tensor, iters: int = 200, tol: float = 1e-6, seed
 def second_derivative_norm(
     psi: Psi,
     w: Tensor,
-    iters: int = 300,
+    iters: int = 50,
     tol: float = 1e-6,
     seed: int = 0,
-    restarts: int = 8,
-    vectorize: bool = False,
+    restarts: int = 2,
+    lanczos_iters: int = 100,
+    max_basis: int = 24,
 ) -> Estimate:
     """||grad^2 psi(w)||_{2,2,2} = sup_{|u|=|v|=|z|=1} T[u, v, z], T = D^2 psi(w) (RH Def. A.1).
 
-    Alternating (higher-order) power iteration, run from ``restarts`` random unit starts
-    u = v (a maximiser with u = v exists, T being symmetric in its first two slots); one cycle is
+    T is symmetric in its first two slots, so for fixed z the sup over u, v of u^T A(z) v,
+    A(z) = sum_k z_k T_k = grad^2 <z, psi>(w), is ||A(z)||_2, attained at u = v, a
+    top-|eigenvalue| eigenvector of A(z) (RH Fact A.2.3): ||T|| = sup_{|u|=1} ||T[u, u]||.
+    The sup is found by a subspace (Davidson-like) method:
 
-        s = T[u, v]            (forward-over-forward: jvp along u of w -> jvp(psi, w, v))
-        z = s / ||s||
-        g = T[., v, z]         (reverse-over-forward: vjp at z of w -> jvp(psi, w, v))
-        u = g / ||g||
-        h = T[u, ., z]         (the same with the new u, by symmetry)
-        v = h / ||h||
+    1. Lanczos on A(z) (Hessian-vector products of w -> <z, psi(w)>, see ``_hvp``) gives its top
+       eigenvalue lambda and Ritz vectors; the two of largest magnitude enter an orthonormal
+       basis U = [U_1, ..., U_r] of candidate directions u.
+    2. The projected tensor P_ij = T[U_i, U_j] (q-vectors, forward-over-forward jvps; only the
+       new column is computed) turns the problem on span(U) into a small dense one,
+       max_{|a|=1, |z|=1} z . sum_ij a_i a_j P_ij, solved in numpy by the block power iteration
+       (a = top-|eigenvalue| eigenvector of sum_k z_k P_k, z = P[a, a] / |P[a, a]|; each step
+       an exact block maximisation, so monotone) from the current z and from each basis vector.
+    3. z <- the small problem's maximiser; u = U a.
 
-    Each step maximises T[u, v, z] exactly over one block, so a run's value never decreases.
-    A run's residual is sqrt(||g - ||s|| u_old||^2 + ||h - ||g|| v_old||^2) (zero exactly at a
-    stationary triple); the run stops when that is <= tol * ||h|| (converged) or after ``iters``
-    cycles.  The problem is non-convex (tensor norms are NP-hard in general) and a run may stop
-    at a LOCAL maximum: the largest value over the runs is returned, which is T[u, v, z] at the
-    returned unit vectors ``vectors = (u, v, z)`` -- a lower bound of the norm, never more.
-    ``iterations`` = cycles summed over the runs; ``converged`` = the best run converged.
+    Converged when, at the small problem's maximiser z, Lanczos finds no better direction in
+    the whole space: |lambda_max(A(z))| <= value (1 + tol) with a converged Lanczos solve --
+    then (u, z) is a fixed point of the full alternating maximisation.  This can still be a
+    local maximum over z (tensor norms are NP-hard in general); ``restarts`` runs from random
+    unit z are made.  When the basis reaches ``max_basis`` vectors it restarts from the current
+    best direction.
 
-    Cost per cycle and run: one forward-over-forward pass and two reverse-over-forward passes.
-    ``vectorize=True`` batches the active runs with ``torch.func.vmap`` -- faster for small
-    MLPs, much slower for convolutions (no efficient batching rule for their second-order
-    forward mode), and ``restarts`` times the memory; the default loops over the runs.
+    The value returned is |T[u, u]| = T[u, u, z] at the returned unit vectors ``vectors =
+    (u, u, z)`` -- a value of T, hence a lower bound of the norm, never more.  ``iterations``
+    counts the second-order products used (Hessian-vector products plus T[., .] evaluations)
+    over all runs; ``converged`` refers to the best run.
     """
     w = _check(w, iters, tol)
-    if int(restarts) != restarts or restarts < 1:
-        raise ValueError(f"restarts must be a positive integer, got {restarts!r}")
+    for name, val in (("restarts", restarts), ("lanczos_iters", lanczos_iters), ("max_basis", max_basis)):
+        if int(val) != val or val < (3 if name == "max_basis" else 1):
+            raise ValueError(f"{name} must be an integer >= {3 if name == 'max_basis' else 1}, got {val!r}")
     gen = _generator(w, seed)
-    U = torch.stack([_unit(w, gen) for _ in range(int(restarts))])
-    V = U.clone()
+    with torch.no_grad():
+        q = psi(w).numel()
 
-    def first(d: Tensor) -> Callable[[Tensor], Tensor]:  # w -> J(w) d
-        return lambda w_: jvp(psi, (w_,), (d,))[1]
+    def t_pair(a: Tensor, b: Tensor) -> Tensor:  # T[a, b]
+        return jvp(lambda w_: jvp(psi, (w_,), (b,))[1], (w,), (a,))[1]
 
-    def second(u: Tensor, v: Tensor) -> Tensor:  # T[u, v]
-        return jvp(first(v), (w,), (u,))[1]
+    best: Estimate | None = None
+    products = 0
+    for _ in range(int(restarts)):
+        z = torch.randn(q, generator=gen, dtype=w.dtype, device=w.device)
+        z = (z / z.norm()).cpu().numpy()
+        u = _unit(w, gen)
+        basis: list[Tensor] = []
+        P = np.zeros((q, 0, 0))
+        value, vectors, converged = 0.0, None, False
+        for _ in range(int(iters)):
+            zt = torch.as_tensor(z, dtype=w.dtype, device=w.device)
+            thetas, ritz, k, inner_ok = _lanczos(_hvp(lambda w_, zt=zt: psi(w_).dot(zt), w), u, int(lanczos_iters),
+                                                 tol / 10, keep=2)
+            products += k
+            if inner_ok and vectors is not None and abs(thetas[0]) <= value * (1 + tol):
+                converged = True
+                break
+            if len(basis) + len(ritz) > max_basis:  # restart the basis from the best direction
+                keep = [vectors[0]] if vectors is not None else []
+                basis, P = [], np.zeros((q, 0, 0))
+                ritz = keep + ritz
+            first_new = len(basis)
+            for x in ritz:
+                P, added = _extend_basis(basis, P, x, t_pair)
+                products += added
+            if thetas[0] == 0.0 and not np.any(P):
+                # A(z) = 0 and T[., .] = 0 on every direction tried, from random starts: T = 0
+                # almost surely
+                value, vectors, converged = 0.0, (u, u, zt), True
+                break
+            starts = [z] + [P[:, i, i] for i in range(first_new, len(basis))]
+            val, a_coef, z = _small_tensor_norm(P, starts)
+            u = torch.as_tensor(a_coef, dtype=w.dtype, device=w.device) @ torch.stack(basis)
+            u = u / u.norm()
+            if vectors is None or val >= value:
+                value, vectors = val, (u, u, torch.as_tensor(z, dtype=w.dtype, device=w.device))
+        if vectors is None:
+            vectors = (u, u, torch.as_tensor(z, dtype=w.dtype, device=w.device))
+        run = Estimate(value, 0, converged, vectors)
+        if best is None or run.value > best.value:
+            best = run
+    assert best is not None
+    return Estimate(best.value, products, best.converged, best.vectors)
 
-    def contract(d: Tensor, z: Tensor) -> Tensor:  # T[., d, z] = grad_w <z, J(w) d>
-        return vjp(first(d), w)[1](z)[0]
 
-    if vectorize:
-        second_b, contract_b = torch.func.vmap(second), torch.func.vmap(contract)
-    else:
-        second_b = lambda A, B: torch.stack([second(a, b) for a, b in zip(A, B)])  # noqa: E731
-        contract_b = lambda A, B: torch.stack([contract(a, b) for a, b in zip(A, B)])  # noqa: E731
+def _extend_basis(basis: list[Tensor], P: np.ndarray, x: Tensor, t_pair) -> tuple[np.ndarray, int]:
+    """Orthonormalise ``x`` against ``basis``; if new, append it and the column T[U_i, x] to the
+    projected tensor ``P`` (q x r x r, symmetric in its last two axes).  Returns (P, products)."""
+    for _ in range(2):
+        for b in basis:
+            x = x - b.dot(x) * b
+    n = float(x.norm())
+    if n <= 1e-8:
+        return P, 0
+    x = x / n
+    basis.append(x)
+    col = torch.stack([t_pair(b, x) for b in basis], dim=1).cpu().numpy()  # q x r
+    r = len(basis)
+    out = np.zeros((P.shape[0], r, r))
+    out[:, : r - 1, : r - 1] = P
+    out[:, :, r - 1] = col
+    out[:, r - 1, :] = col
+    return out, r
 
-    def safe(n: Tensor) -> Tensor:
-        return torch.where(n > 0, n, torch.ones_like(n))
 
-    R = int(restarts)
-    Z = torch.zeros(R, psi(w).numel(), dtype=w.dtype, device=w.device)
-    values = torch.zeros(R, dtype=w.dtype)
-    done = torch.zeros(R, dtype=torch.bool)
-    cycles = 0
-    for _ in range(int(iters)):
-        act = torch.nonzero(~done).flatten()
-        if act.numel() == 0:
-            break
-        cycles += act.numel()
-        u, v = U[act], V[act]
-        s = second_b(u, v)
-        s0 = s.norm(dim=1)
-        z = s / safe(s0)[:, None]
-        g = contract_b(v, z)
-        s1 = g.norm(dim=1)
-        r_u = (g - s0[:, None] * u).norm(dim=1)
-        u = g / safe(s1)[:, None]
-        h = contract_b(u, z)
-        s2 = h.norm(dim=1)
-        r_v = (h - s1[:, None] * v).norm(dim=1)
-        v = h / safe(s2)[:, None]
-        # s0 = 0 at a random start means T = 0 (almost surely): value 0, exact.
-        U[act], V[act], Z[act], values[act] = u, v, z, s2
-        done[act] = torch.hypot(r_u, r_v) <= tol * s2
-    i = int(torch.argmax(values))
-    return Estimate(float(values[i]), cycles, bool(done[i]), (U[i], V[i], Z[i]))
+def _small_tensor_norm(P: np.ndarray, starts: Sequence[np.ndarray], iters: int = 5000, tol: float = 1e-13):
+    """max over unit a, z of z . P[a, a] for a small dense q x r x r tensor P (symmetric in its
+    last two axes) by the monotone block power iteration from each start z (the current z, and
+    z = P[e_i, e_i] for each new basis vector e_i); returns (value, a, z) of the best start."""
+    q, r, _ = P.shape
+    starts = [z / np.linalg.norm(z) for z in starts if np.linalg.norm(z) > 0]
+    z0 = starts[0]
+    best = (-1.0, None, None)
+    for z in starts:
+        val = -1.0
+        for _ in range(iters):
+            B = np.einsum("k,kij->ij", z, P)
+            evals, evecs = np.linalg.eigh(B)
+            a = evecs[:, int(np.argmax(np.abs(evals)))]
+            s = np.einsum("kij,i,j->k", P, a, a)
+            ns = float(np.linalg.norm(s))
+            if ns == 0.0:
+                break
+            z_new = s / ns
+            moved = min(np.linalg.norm(z_new - z), np.linalg.norm(z_new + z))
+            z, val = z_new, ns
+            if moved <= tol:
+                break
+        if val > best[0]:
+            best = (val, a, z)
+    if best[1] is None:
+        return 0.0, np.eye(r)[0], z0
+    return best
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,14 +481,23 @@ def hessian_top_eig(
                 return Estimate(value, k, True, (v,))
             v = hv / norm_hv
         return Estimate(value, int(iters), False, (v,))
-    return _lanczos(hvp, v, int(iters), tol)
+    (theta,), (ritz,), k, converged = _lanczos(hvp, v, int(iters), tol)
+    return Estimate(abs(theta), k, converged, (ritz,))
 
 
-def _lanczos(hvp: Callable[[Tensor], Tensor], v: Tensor, iters: int, tol: float) -> Estimate:
+def _lanczos(
+    hvp: Callable[[Tensor], Tensor], v: Tensor, iters: int, tol: float, keep: int = 1
+) -> tuple[list[float], list[Tensor], int, bool]:
+    """Lanczos with full reorthogonalisation from the unit vector ``v``.
+
+    Returns the ``keep`` Ritz values of largest magnitude (signed, largest first), their unit
+    Ritz vectors, the iterations used, and whether the top Ritz residual |beta_k s_k| <= tol
+    |theta| was met or the Krylov space became invariant (then the Ritz values are eigenvalues).
+    """
     basis = [v]
     alphas: list[float] = []
     betas: list[float] = []
-    theta, ritz, converged, k = 0.0, None, False, 0
+    converged, k = False, 0
     for k in range(1, min(iters, v.numel()) + 1):
         q = basis[-1]
         r = hvp(q)
@@ -415,17 +513,19 @@ def _lanczos(hvp: Callable[[Tensor], Tensor], v: Tensor, iters: int, tol: float)
         Tk = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
         evals, evecs = np.linalg.eigh(Tk)
         i = int(np.argmax(np.abs(evals)))
-        theta, s = float(evals[i]), evecs[:, i]
-        ritz = Q.T @ torch.as_tensor(s, dtype=Q.dtype, device=Q.device)
-        scale = max(abs(theta), np.abs(evals).max(), 1e-300)
+        theta, last = float(evals[i]), abs(evecs[-1, i])
+        scale = max(abs(theta), 1e-300)
         # Converged: small Ritz residual, an (numerically) invariant Krylov space, or the whole
         # space spanned -- in the last two cases the Ritz values are eigenvalues.
-        if beta * abs(s[-1]) <= tol * abs(theta) or beta <= 1e-14 * scale or k == v.numel():
+        if beta * last <= tol * abs(theta) or beta <= 1e-14 * scale or k == v.numel():
             converged = True
             break
         betas.append(beta)
         basis.append(r / beta)
-    return Estimate(abs(theta), k, converged, (ritz / ritz.norm(),))
+    order = np.argsort(-np.abs(evals))[: max(1, int(keep))]
+    S = torch.as_tensor(evecs[:, order], dtype=Q.dtype, device=Q.device)
+    vectors = [x / x.norm() for x in (Q.T @ S).T]
+    return [float(evals[j]) for j in order], vectors, k, converged
 
 
 def hutchinson_trace(

@@ -62,3 +62,19 @@ def test_violation_is_reported_and_exit_3(monkeypatch, capsys):
 def test_check_rejects_spec(capsys):
     assert main(["check", "--spec", "x.json"]) == 2
     assert "needs a network" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_cli_check_builtin_models_json(model, capsys, tmp_path):
+    """The acceptance run: `smoothchain check --json` on the built-in MLP and CNN exits 0 with no
+    violations, a ratio in (0, 1] for every finite certified quantity of every layer, and a PNG."""
+    png = tmp_path / "check.png"
+    code = main(["check", "--model", model, "--points", "2", "--plot", str(png), "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0 and doc["violations"] == []
+    assert png.stat().st_size > 0
+    for k in ("output_bound", "lipschitz", "smoothness", "objective_smoothness"):
+        assert 0 < doc["estimated"][k] <= doc["certified"][k]
+    for row in doc["layers"]:
+        for k, ratio in row["ratio"].items():
+            assert ratio is not None and 0 < ratio <= 1, (row["name"], k, ratio)

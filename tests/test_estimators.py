@@ -22,10 +22,11 @@ import pytest
 import torch
 from scipy.optimize import minimize_scalar
 from torch import nn
-from torch.func import hessian, jacrev
+from torch.func import hessian, jacrev, jvp, vjp
 
 from smoothchain.estimators import (
     Estimate,
+    _hvp,
     flat_parameters,
     functional_chain,
     hessian_top_eig,
@@ -243,6 +244,30 @@ def test_batchnorm_uses_batch_statistics_and_keeps_running_stats():
     assert torch.allclose(psi_eval(w0).reshape(4, -1)[:2], psi_eval_half(w0).reshape(2, -1))
 
 
+@pytest.mark.parametrize("case", ["mlp-batchnorm-train", "mlp-tanh-m3"])
+def test_second_derivatives_match_finite_differences_in_every_ad_mode(case):
+    """T[u, v] = D^2 psi(w)[u, v] by every AD mode the estimators use, against a float64
+    central difference of psi values only.  Guards against PyTorch's fused batch norm, whose
+    nested forward-mode derivative is wrong (pytorch/pytorch#196699): psi replaces it."""
+    d = dense(case)
+    psi, w = d.psi, d.w0
+    gen = torch.Generator().manual_seed(0)
+    u, v = (torch.randn(w.shape, generator=gen, dtype=DT) for _ in range(2))
+    z = torch.randn(psi(w).shape, generator=gen, dtype=DT)
+    e = 1e-4
+    fd = (psi(w + e * u + e * v) - psi(w + e * u - e * v) - psi(w - e * u + e * v) + psi(w - e * u - e * v)) / (4 * e * e)
+    fwd_fwd = jvp(lambda w_: jvp(psi, (w_,), (v,))[1], (w,), (u,))[1]
+    rev_fwd = vjp(lambda w_: jvp(psi, (w_,), (v,))[1], w)[1](z)[0]         # T[., v, z]
+    rev_rev = torch.einsum("kij,i,j->k", torch.as_tensor(d.T), u, v)        # jacrev(jacrev)
+    hess_z = hessian(lambda w_: psi(w_).dot(z))(w)                           # forward-over-reverse
+    scale = float(fd.norm())
+    for name, val in [("fwd-fwd", fwd_fwd), ("rev-rev", rev_rev)]:
+        assert float((val - fd).norm()) <= 1e-6 * scale, name
+    assert float((rev_fwd - torch.einsum("kij,j,k->i", torch.as_tensor(d.T), v, z)).norm()) <= 1e-9 * scale
+    assert abs(float(u @ hess_z @ v) - float(fd.dot(z))) <= 1e-6 * scale * float(z.norm())
+    assert abs(float(u @ _hvp(lambda w_: psi(w_).dot(z), w)(v)) - float(fd.dot(z))) <= 1e-6 * scale * float(z.norm())
+
+
 def test_dropout_is_the_identity():
     torch.manual_seed(7)
     model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5), nn.Linear(3, 2)).to(DT).train()
@@ -321,26 +346,22 @@ def test_second_derivative_norm_exact_small_q(case):
 def test_second_derivative_norm_matches_dense_restarts(case):
     d = dense(case)
     reference = tensor_norm_restarts(d.T)
-    est = second_derivative_norm(d.psi, d.w0, tol=1e-6, restarts=8)
+    est = second_derivative_norm(d.psi, d.w0, tol=1e-6, restarts=4)
     assert_close(est, reference)
+    # an upper bound: sup_z ||A(z)||_2 <= sup_z ||A(z)||_F = ||unfolding of T||_2
+    assert est.value <= np.linalg.norm(d.T.reshape(d.T.shape[0], -1), 2) * (1 + 1e-12)
     u, v, z = est.vectors
     # the value is T[u, v, z] at unit vectors: a certificate-free lower bound of the norm
     assert all(abs(float(t.norm()) - 1) < 1e-12 for t in (u, v, z))
     assert abs(T_at(d.T, u, v, z) - est.value) <= 1e-10 * reference
 
 
-def test_second_derivative_norm_vectorized_agrees():
-    d = dense("scalar-output-q1")
-    loop = second_derivative_norm(d.psi, d.w0, tol=1e-6, restarts=3, iters=50)
-    vec = second_derivative_norm(d.psi, d.w0, tol=1e-6, restarts=3, iters=50, vectorize=True)
-    assert loop.iterations == vec.iterations and loop.converged == vec.converged
-    assert abs(loop.value - vec.value) <= 1e-12 * loop.value
-
-
 def test_second_derivative_norm_of_affine_map_is_zero():
     d = dense("affine")
     est = second_derivative_norm(d.psi, d.w0, restarts=2)
-    assert est.value == 0.0 and est.converged and est.iterations == 2
+    # per run: one Hessian-vector product (A(z) = 0: the Krylov space is invariant at once) and
+    # one T[u, u], which is 0: the run stops
+    assert est.value == 0.0 and est.converged and est.iterations == 4
     assert np.abs(d.T).max() == 0.0
 
 
