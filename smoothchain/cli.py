@@ -29,7 +29,7 @@ __all__ = ["main", "build_parser"]
 # and sets ``handler=`` (a function of the parsed args returning the exit status) with
 # ``set_defaults``.  They must import torch only inside their handlers, so that ``certify``
 # with a built-in or spec model stays torch-free.
-PLUGIN_COMMANDS: tuple[str, ...] = ("cli_analysis", "cli_train")
+PLUGIN_COMMANDS: tuple[str, ...] = ("cli_analysis", "cli_train", "cli_oracles")
 
 
 class CLIError(Exception):

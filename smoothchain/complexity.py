@@ -1,54 +1,62 @@
 """Predicted vs measured arithmetic cost of the oracles on a chain (RH Prop. 3.3, Cor. 3.4,
-Prop. C.5, Prop. 3.5, Algo. 4), measured with ``torch.utils.flop_counter.FlopCounterMode``.
+Prop. C.5, Prop. 3.5, Algo. 4), measured with the FLOP formulas of
+``torch.utils.flop_counter.FlopCounterMode``.  See ``docs/complexity.md``.
 
 Layers are the RH layers of :func:`smoothchain.oracles.lq.split_layers` (a module owning
 parameters followed by the parameter-free modules after it).  For layer l, with batch size m,
 delta_{l-1}, delta_l the sizes of its input and output over the batch and rho_l its number of
 parameters:
 
-* s_beta (RH Def. C.3, Fact C.4): multiplications of the bi-affine product -- m d_out d~ for a
-  linear layer (d~ = d_in + 1 with a bias, RH (8)), m n_p n_f s_f for a convolution (n_p output
-  positions, n_f filters, s_f = in-channels x kernel entries, RH (9));
-* s_beta_v: the bias of a convolution, m n_p n_f (RH Cor. 3.4's "n_p n_f m"); 0 for a linear
-  layer, whose bias is in d~;
-* s_a: the sparsity of the non-linear part, the entries of each parameter-free module's input
-  (element-wise activations: m d_l; average pooling: its input entries; reshapes: 0).
+* s_beta (RH Def. C.3, Fact C.4): multiplications of the bi-affine product -- m d (d_in + 1) for
+  a linear layer with a bias (d~ = d_in + 1, RH (8)), m d d_in without; m n_p n_f s_f for a
+  convolution (n_p output positions, n_f filters, s_f = in-channels / groups x kernel entries,
+  RH (9));
+* s_beta_v: the bias of a convolution, m n_p n_f (the "n_p n_f m" of RH Cor. 3.4); 0 for a
+  linear layer, whose bias is in d~;
+* s_a: the sparsity of the non-linear part (Def. C.3), the entries of the input of each
+  parameter-free module that is not a reshape (element-wise activation: m d_l, RH after Fact
+  C.4; average pooling: its input entries);
+* s'_beta (``s_beta_mults``): s_beta without the bias column, the multiplications of the matrix
+  product or convolution alone.
 
-Predictions, in RH's unit (one addition or multiplication; the sparsity counts multiplications):
+Predictions per layer:
 
-* ``prop_3_3_backward`` = 2 (delta_{l-1} delta_l + rho_l delta_l) (RH Prop. 3.3: dense layer
-  Jacobians, no structure);
-* ``prop_c5_backward`` = s_a + 2 s_beta + s_beta_v + s_beta_z (RH Prop. C.5; Cor. 3.4 for the
-  fully-connected and convolutional cases; s_beta_z = 0 here);
+* ``prop_3_3_backward`` = 2 (delta_{l-1} delta_l + rho_l delta_l): RH Prop. 3.3, dense layer
+  Jacobians (no structure), in RH's unit (one addition or one multiplication);
+* ``cor_3_4_backward``: RH Cor. 3.4, 2 m d_l (d_{l-1} + 1) for a linear layer,
+  (2 n_p n_f s_f + n_p n_f + d_l) m for a convolution (d_l = its output entries per example);
+* ``prop_c5_backward`` = s_a + 2 s_beta + s_beta_v (+ s_beta_z = 0 here): RH Prop. C.5;
+* ``forward_flops`` = 2 s'_beta and ``backward_flops`` = 4 s'_beta: the same products in
+  FlopCounterMode's convention (2 FLOPs per multiply-add, only matrix products and
+  convolutions, bias additions and element-wise operations not counted); the backward pass
+  computes the products of Prop. C.5's proof, grad wrt v (2 s'_beta) and wrt z (2 s'_beta).
 
-and in FLOPs as ``FlopCounterMode`` counts them (2 per multiply-add, only matrix products and
-convolutions, bias additions and element-wise operations not counted), with s'_beta = s_beta
-without the bias column:
+:func:`layer_costs` runs each layer alone (input and parameters requiring gradients, as in RH
+Algo. 2, which computes lambda_0 too) and records its measured forward and backward FLOPs.
 
-* ``forward_flops`` = 2 s'_beta (computing B[v, z, .]),
-* ``backward_flops`` = 4 s'_beta (the two products of Prop. C.5's proof: grad wrt z and wrt v).
+Whole steps (:func:`step_costs`, FLOPs):
 
-``measure`` runs each layer alone (input and parameters both requiring gradients, as in RH
-Algo. 2 which computes lambda_0 too) and records the forward and backward FLOPs.
-
-Whole steps (totals, FLOPs; :func:`step_costs`):
-
-* gradient (= one forward, one backward, RH Prop. C.2): forward + backward, except that the
-  first layer's input needs no gradient (autograd skips 2 s'_beta_1 of the backward);
-* Gauss-Newton by the dual (Prop. 3.5): the forward pass, then per backward call the backward
-  above and per linearisation call a jvp = primal forward + tangents (2 s'_beta + 4 s'_beta,
-  2 s'_beta for the first layer whose input tangent is 0); the calls are those counted by the
-  oracle (<= 2q + 1);
-* Newton by DP (Algo. 4 as in ``oracles.lq``): forward; A_l, B_l materialised by delta_l layer
-  vjps (4 s'_beta each); the lambda-contracted layer Hessians by ``torch.func.hessian`` on
-  rho_l + delta_{l-1} directions (rho_1 for the first layer), 12 s'_beta per direction (a tangent
-  forward 4 s'_beta and a tangent backward 8 s'_beta) plus one primal forward and backward
-  (6 s'_beta); the Riccati matrix products of Algo. 4 lines 20-21 (C_l A_l, B_l^T C_l B_l,
-  B_l^T C_l A_l, N^T K_l, A_l^T C_l A_l: 2 a b c FLOPs for an (a x b)(b x c) product).
-  Cholesky factorisations and triangular solves (rho_l^3 / 3 + 2 rho_l^2 (delta_{l-1} + 1))
-  are reported apart as ``uncounted``: FlopCounterMode has no formula for them.
-
-See ``docs/complexity.md`` for where and why the predictions and the measurements differ.
+* gradient (Prop. C.2: one forward, one backward): sum of forward + backward, less the first
+  layer's product for grad wrt x (2 s'_beta_1): lambda_0 is not needed and not computed;
+* Gauss-Newton by the dual (Prop. 3.5): the forward pass, then per backward call (Algo. 2) the
+  backward less 2 s'_beta_1, per linearisation call a ``torch.func.jvp`` = primal forward (2 s')
+  + tangent products (4 s' per layer: torch's forward-mode formula for a linear map or a
+  convolution forms both tangent products, also at the first layer whose input tangent is 0);
+  the calls are those counted by the oracle (<= 2q + 1);
+* Newton by DP (Algo. 4 as in ``oracles.lq``): the forward pass; A_l, B_l by delta_l vmapped
+  layer vjps (4 s' each; 2 s' at the first layer, where A_1 is not needed); the
+  lambda-contracted layer Hessians by ``torch.func.hessian`` (forward over reverse) on
+  rho_l + delta_{l-1} basis directions (rho_1 at the first layer), each needing 8 s' (4 s' at
+  the first layer: a direction moves v or z, not both, so 4 of the 6 tangent products are
+  non-zero) plus 2 delta_l for the tangent of lambda^T(.), and 6 s' for the primal pass; the
+  Riccati products of Algo. 4 lines 14-22 as ``oracles.lq._riccati`` forms them (B_l^T C_l B_l;
+  for l > 1 also C_l A_l, B_l^T C_l A_l, N^T K_l, A_l^T C_l A_l; 2 a b c FLOPs for an
+  (a x b)(b x c) product), a failed pass (gamma halved) stopping after B_l^T C_l B_l at the
+  first stage that is not positive definite.
+  Cholesky factorisations and triangular solves (rho^3 / 3 + 2 rho^2 (delta_{l-1} + 1) per
+  stage) are reported apart as ``uncounted``: FlopCounterMode has no formula for them.
+  The measured assembly can exceed the prediction by up to 1.5x: for convolutions the batching
+  rules of ``torch.func`` also evaluate the two vanishing tangent products (docs/complexity.md).
 """
 
 from __future__ import annotations
@@ -58,23 +66,27 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
-
-FLOP_REGISTRY = FlopCounterMode().flop_registry
 
 from .oracles import gradient_step
 from .oracles.autodiff import OracleCounter, make_loss
 from .oracles.dual import gauss_newton_dual
 from .oracles.lq import ChainLayer, assemble_lq, solve_lq, split_layers
 
-__all__ = ["LayerCost", "layer_costs", "step_costs", "complexity_report"]
+__all__ = ["LayerCost", "FlopCount", "layer_costs", "riccati_flops", "step_costs",
+           "complexity_report"]
+
+FLOP_REGISTRY = FlopCounterMode().flop_registry
+_RESHAPES = (nn.Flatten, nn.Unflatten, nn.Identity)
 
 
 @dataclass(frozen=True)
 class LayerCost:
     index: int
     name: str
+    kind: str                # "linear" or "conv2d"
     m: int
     delta_in: int
     delta_out: int
@@ -84,16 +96,22 @@ class LayerCost:
     s_a: int                 # sparsity of the non-linear part
     s_beta_mults: int        # s'_beta: multiplications of the product, no bias
     prop_3_3_backward: int   # RH Prop. 3.3, RH units
-    prop_c5_backward: int    # RH Prop. C.5 / Cor. 3.4, RH units
+    cor_3_4_backward: int    # RH Cor. 3.4, RH units
+    prop_c5_backward: int    # RH Prop. C.5, RH units
     forward_flops: int       # predicted, FlopCounterMode convention
     backward_flops: int      # predicted, FlopCounterMode convention
     measured_forward: int
     measured_backward: int
 
 
-class _FlopCount(TorchDispatchMode):
-    """FlopCounterMode's per-operator formulas (``torch.utils.flop_counter``) without its module
-    tracker, whose global hooks clash with ``torch.func.vjp`` closures; totals only."""
+class FlopCount(TorchDispatchMode):
+    """Total FLOPs by FlopCounterMode's per-operator formulas (``torch.utils.flop_counter``).
+
+    FlopCounterMode itself also installs a module tracker whose global autograd hooks fail
+    inside ``torch.func.vjp`` closures ("A leaf node was passed to _will_engine_execute_node"),
+    so the oracles are measured with this mode, which applies the same registry of formulas to
+    the same dispatched operators and keeps totals only (``tests/test_complexity.py`` checks it
+    against FlopCounterMode on plain autograd)."""
 
     def __init__(self):
         super().__init__()
@@ -109,26 +127,25 @@ class _FlopCount(TorchDispatchMode):
 
 
 def _flops(fn) -> tuple[int, object]:
-    with _FlopCount() as counter:
+    with FlopCount() as counter:
         out = fn()
     return counter.total, out
 
 
-def _products(layer: ChainLayer, z_in: torch.Tensor, z_out_pre: torch.Tensor) -> tuple[int, int, int]:
-    """(s_beta, s_beta_v, s'_beta) of the layer's parametrised module (RH Fact C.4)."""
-    mod, m = layer.modules[0], z_in.shape[0]
+def _products(mod: nn.Module, z_in: torch.Tensor, pre: torch.Tensor) -> tuple[str, int, int, int]:
+    """(kind, s_beta, s_beta_v, s'_beta) of a layer's parametrised module (RH Fact C.4)."""
+    m = z_in.shape[0]
     if isinstance(mod, nn.Linear):
-        mults = m * mod.out_features * mod.in_features
-        lead = z_in[..., 0].numel() // m   # nn.Linear on (m, ..., d_in): extra dims act like batch
-        mults *= lead
-        return mults + (m * lead * mod.out_features if mod.bias is not None else 0), 0, mults
+        rows = z_in[..., 0].numel()   # nn.Linear on (m, ..., d_in): extra dims act like batch
+        mults = rows * mod.out_features * mod.in_features
+        return "linear", mults + (rows * mod.out_features if mod.bias is not None else 0), 0, mults
     if isinstance(mod, nn.Conv2d):
-        n_p = z_out_pre[0, 0].numel()
+        n_p = pre[0, 0].numel()
         s_f = (mod.in_channels // mod.groups) * math.prod(mod.kernel_size)
         mults = m * n_p * mod.out_channels * s_f
-        return mults, (m * n_p * mod.out_channels if mod.bias is not None else 0), mults
+        return "conv2d", mults, (m * n_p * mod.out_channels if mod.bias is not None else 0), mults
     raise ValueError(f"no sparsity formula (RH Fact C.4) for {type(mod).__name__}; "
-                     "supported: nn.Linear, nn.Conv2d")
+                     "supported layers: nn.Linear, nn.Conv2d")
 
 
 def layer_costs(model: nn.Module, x: torch.Tensor) -> list[LayerCost]:
@@ -136,53 +153,69 @@ def layer_costs(model: nn.Module, x: torch.Tensor) -> list[LayerCost]:
     chain = split_layers(model)
     z = chain.input(x).detach()
     m = z.shape[0]
-    out: list[LayerCost] = []
     names = {id(mod): name for name, mod in model.named_modules()}
+    out: list[LayerCost] = []
     for index, layer in enumerate(chain.layers, start=1):
         v = layer.vector().detach()
         first = layer.modules[0]
-        pre = _first_output(layer, v, z)
-        s_beta, s_beta_v, mults = _products(layer, z, pre)
+        with torch.no_grad():
+            pre = functional_call(first, dict(zip(layer.names, layer.unflatten(v))), (z,))
+        kind, s_beta, s_beta_v, mults = _products(first, z, pre)
         s_a, h = 0, pre
         for mod in layer.modules[1:]:
-            if not isinstance(mod, (nn.Flatten, nn.Unflatten, nn.Identity)):
+            if not isinstance(mod, _RESHAPES):
                 s_a += h.numel()
             h = mod(h)
         v_req = v.clone().requires_grad_()
         z_req = z.clone().requires_grad_()
         fwd, out_t = _flops(lambda: layer.apply(v_req, z_req))
-        lam = torch.ones_like(out_t)
-        bwd, _ = _flops(lambda: torch.autograd.grad(out_t, (v_req, z_req), lam))
+        bwd, _ = _flops(lambda: torch.autograd.grad(out_t, (v_req, z_req), torch.ones_like(out_t)))
         d_in, d_out, rho = z.numel(), out_t.numel(), v.numel()
+        if kind == "linear":
+            cor = 2 * m * (d_out // m) * (d_in // m + 1)
+        else:
+            cor = 2 * mults + m * pre[0].numel() + m * out_t[0].numel()
         out.append(LayerCost(
-            index=index, name=names.get(id(first), type(first).__name__), m=m, delta_in=d_in,
-            delta_out=d_out, rho=rho, s_beta=s_beta, s_beta_v=s_beta_v, s_a=s_a,
+            index=index, name=names.get(id(first), type(first).__name__), kind=kind, m=m,
+            delta_in=d_in, delta_out=d_out, rho=rho, s_beta=s_beta, s_beta_v=s_beta_v, s_a=s_a,
             s_beta_mults=mults, prop_3_3_backward=2 * (d_in * d_out + rho * d_out),
-            prop_c5_backward=s_a + 2 * s_beta + s_beta_v, forward_flops=2 * mults,
-            backward_flops=4 * mults, measured_forward=fwd, measured_backward=bwd))
+            cor_3_4_backward=cor, prop_c5_backward=s_a + 2 * s_beta + s_beta_v,
+            forward_flops=2 * mults, backward_flops=4 * mults,
+            measured_forward=fwd, measured_backward=bwd))
         z = out_t.detach()
     return out
 
 
-def _first_output(layer: ChainLayer, v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    from torch.func import functional_call
+def riccati_flops(layers: list[LayerCost], failed_at: tuple[int, ...] = ()) -> tuple[int, int]:
+    """(counted, uncounted) operations of the Riccati passes of ``oracles.lq.solve_lq``.
 
-    with torch.no_grad():
-        return functional_call(layer.modules[0], dict(zip(layer.names, layer.unflatten(v))), (z,))
+    ``failed_at``: for each failed pass, the 0-based layer whose stage was not positive definite
+    (``LQSolution.failed_at``); then one complete pass.  Counted: matrix products (FLOPs);
+    uncounted: Cholesky rho^3 / 3 and triangular solves 2 rho^2 per right-hand side."""
 
-
-def _riccati_flops(layers: list[LayerCost]) -> tuple[int, int]:
-    """Matrix-product FLOPs of Algo. 4 lines 20-21 as in ``oracles.lq._riccati``, and the
-    Cholesky / triangular-solve operations that FlopCounterMode does not count."""
-    counted = uncounted = 0
-    for i, c in enumerate(layers):
+    def stage(l: int, complete: bool) -> tuple[int, int]:
+        c = layers[l]
         d_in, d, rho = c.delta_in, c.delta_out, c.rho
-        counted += 2 * d * d * d_in            # C A
-        counted += 2 * rho * d * d + 2 * rho * d * rho   # B^T C B
-        counted += 2 * rho * d * d_in          # B^T (C A)
-        counted += 2 * d_in * rho * d_in       # N^T K
-        counted += 2 * d_in * d * d_in         # A^T (C A)
-        uncounted += rho ** 3 // 3 + 2 * rho * rho * (d_in + 1)
+        counted = 2 * rho * d * d + 2 * rho * d * rho          # (B^T C) B
+        uncounted = rho ** 3 // 3
+        if complete:
+            uncounted += 2 * rho * rho                          # k_l
+            if l > 0:
+                counted += 2 * d * d * d_in                     # C A
+                counted += 2 * rho * d * d_in                   # B^T (C A)
+                counted += 2 * d_in * rho * d_in                # N^T K
+                counted += 2 * d_in * d * d_in                  # A^T (C A)
+                uncounted += 2 * rho * rho * d_in               # K_l
+        return counted, uncounted
+
+    counted = uncounted = 0
+    tau = len(layers)
+    for stop in list(failed_at) + [None]:
+        for l in reversed(range(tau)):
+            if stop is not None and l < stop:
+                break
+            a, b = stage(l, stop is None or l > stop)
+            counted, uncounted = counted + a, uncounted + b
     return counted, uncounted
 
 
@@ -191,58 +224,67 @@ def step_costs(model: nn.Module, x: torch.Tensor, y, *, loss: str, layers: list[
     """Predicted and measured FLOPs of one gradient, Gauss-Newton (dual) and Newton (DP) step."""
     fwd = sum(c.forward_flops for c in layers)
     first = layers[0].s_beta_mults
-    bwd = sum(c.backward_flops for c in layers)                       # RH Algo. 2, lambda_0 too
-    bwd_chain = bwd - 2 * first                                       # no gradient wrt x
-    jvp = fwd + sum(4 * c.s_beta_mults for c in layers) - 2 * first    # primal + tangents, z~_0 = 0
+    bwd_chain = sum(c.backward_flops for c in layers) - 2 * first    # no gradient wrt x
+    jvp = fwd + sum(4 * c.s_beta_mults for c in layers)               # primal + both tangents
 
     grad_measured, _ = _flops(lambda: gradient_step(model, x, y, loss=loss, l2=l2, gamma=gamma))
     # gauss_newton_step(method="dual") is gauss_newton_dual; called directly for its counter
     counter = OracleCounter()
-    gn_measured, _ = _flops(lambda: gauss_newton_dual(model, x, make_loss(loss, y, x), l2, gamma, counter))
+    f = make_loss(loss, y, x)
+    gn_measured, _ = _flops(lambda: gauss_newton_dual(model, x, f, l2, gamma, counter))
     gn_pred = fwd + counter.backward_calls * bwd_chain + counter.linearize_calls * jvp
 
-    f = make_loss(loss, y, x)
     nt_counter = OracleCounter()
     asm_measured, lq = _flops(lambda: assemble_lq(model, x, f, l2, "newton", nt_counter))
     ric_measured, sol = _flops(lambda: solve_lq(lq, gamma))
     assembly = 0
     for i, c in enumerate(layers):
-        assembly += c.delta_out * c.backward_flops                       # A_l, B_l
-        if i == 0:   # z~_0 = 0: v-Hessian only; tangent forward 2 s', tangent of the v-gradient 2 s'
-            assembly += c.rho * 4 * c.s_beta_mults + 4 * c.s_beta_mults
-        else:
-            assembly += (c.rho + c.delta_in) * 12 * c.s_beta_mults + 6 * c.s_beta_mults
-    riccati, uncounted = _riccati_flops(layers)
+        s = c.s_beta_mults
+        assembly += c.delta_out * (4 * s if i > 0 else 2 * s)          # A_l (l > 1), B_l
+        directions = c.rho + (c.delta_in if i > 0 else 0)               # Hessian of lambda^T phi_l
+        assembly += directions * ((8 * s if i > 0 else 4 * s) + 2 * c.delta_out) + 6 * s
+    riccati, uncounted = riccati_flops(layers, sol.failed_at)
     return {
-        "gradient": {"predicted": fwd + bwd, "measured": grad_measured, "oracle_calls": 1},
+        "gradient": {"predicted": fwd + bwd_chain, "measured": grad_measured, "oracle_calls": 1},
         "gauss_newton_dual": {
             "predicted": gn_pred, "measured": gn_measured, "oracle_calls": counter.calls,
             "backward_calls": counter.backward_calls, "linearize_calls": counter.linearize_calls,
             "bound_2q_plus_1": 2 * int(layers[-1].delta_out) + 1},
         "newton_dp": {
-            "predicted": fwd + assembly + sol.tries * riccati, "measured": asm_measured + ric_measured,
-            "oracle_calls": nt_counter.calls, "predicted_assembly": assembly,
+            "predicted": fwd + assembly + riccati, "measured": asm_measured + ric_measured,
+            "oracle_calls": nt_counter.calls, "predicted_assembly": fwd + assembly,
             "measured_assembly": asm_measured, "riccati_passes": sol.tries,
-            "predicted_riccati": sol.tries * riccati, "measured_riccati": ric_measured,
-            "uncounted_per_pass": uncounted, "gamma_used": sol.gamma},
+            "failed_at": list(sol.failed_at), "predicted_riccati": riccati,
+            "measured_riccati": ric_measured, "uncounted_riccati": uncounted,
+            "gamma_used": sol.gamma},
     }
 
 
-def complexity_report(model: nn.Module, input_shape, batch_size: int = 4, *, loss: str = "cross-entropy",
-                      seed: int = 0, dtype: torch.dtype = torch.float32) -> dict:
-    """Per-layer and per-step predicted vs measured costs on a random batch of ``batch_size``."""
+def complexity_report(model: nn.Module, input_shape, batch_size: int = 4, *,
+                      loss: str = "cross-entropy", seed: int = 0, l2: float = 0.0,
+                      gamma: float = 1.0, dtype: torch.dtype = torch.float64,
+                      steps: bool = True) -> dict:
+    """Per-layer and per-step predicted vs measured costs on a random batch of ``batch_size``.
+
+    The model is converted to ``dtype`` (FLOP counts do not depend on it; float64 lets the dual
+    Gauss-Newton CG reach its tolerance).  ``steps=False`` skips the whole-step measurements."""
     gen = torch.Generator().manual_seed(seed)
     model = model.to(dtype)
     x = torch.rand((batch_size,) + tuple(input_shape), generator=gen, dtype=dtype)
     with torch.no_grad():
         out = model(x)
     if loss == "cross-entropy":
+        if out.dim() != 2:
+            raise ValueError(f"cross-entropy needs (batch, classes) outputs, got {tuple(out.shape)}")
         y = torch.randint(0, out.shape[1], (batch_size,), generator=gen)
     elif loss == "square":
         y = torch.rand(out.shape, generator=gen, dtype=dtype)
     else:
         raise ValueError(f"loss must be 'cross-entropy' or 'square', got {loss!r}")
     layers = layer_costs(model, x)
-    steps = step_costs(model, x, y, loss=loss, layers=layers)
-    return {"batch_size": batch_size, "input_shape": list(input_shape), "loss": loss,
-            "layers": [asdict(c) for c in layers], "steps": steps}
+    doc = {"batch_size": batch_size, "input_shape": list(input_shape), "loss": loss, "l2": l2,
+           "gamma": gamma, "parameters": sum(c.rho for c in layers), "q": out.numel(),
+           "layers": [asdict(c) for c in layers]}
+    if steps:
+        doc["steps"] = step_costs(model, x, y, loss=loss, layers=layers, l2=l2, gamma=gamma)
+    return doc

@@ -414,6 +414,110 @@ def test_random_mlps_match_dense(widths, acts, bias, batch, loss, l2, gamma, see
     assert res.feasible and rel_err(res.direction, ref.direction) < RTOL
 
 
+@st.composite
+def conv_chains(draw):
+    """Random small conv-then-linear chains: an optional Conv2d block (1-2 channels in, 1-2 out,
+    kernel 1-3, bias or not, an activation, average pooling when the output side is even), then
+    Flatten and 1-2 Linear layers with activations in between; both losses, l2 > 0 or 0."""
+    c_in, side = draw(st.integers(1, 2)), draw(st.integers(3, 4))
+    mods: list[nn.Module] = []
+    n_conv = draw(st.integers(1, 2))
+    c, s = c_in, side
+    for _ in range(n_conv):
+        k = draw(st.integers(1, min(3, s)))
+        c_out = draw(st.integers(1, 2))
+        mods += [nn.Conv2d(c, c_out, k, bias=draw(st.booleans())), ACTS[draw(st.sampled_from(sorted(ACTS)))]()]
+        c, s = c_out, s - k + 1
+        if s % 2 == 0 and draw(st.booleans()):
+            mods.append(nn.AvgPool2d(2))
+            s //= 2
+    mods.append(nn.Flatten())
+    width = c * s * s
+    loss = draw(st.sampled_from(["square", "cross-entropy"]))
+    n_lin = draw(st.integers(1, 2))
+    for i in range(n_lin):
+        out = draw(st.integers(2, 3))
+        mods.append(nn.Linear(width, out, bias=draw(st.booleans())))
+        if i < n_lin - 1:
+            mods.append(ACTS[draw(st.sampled_from(sorted(ACTS)))]())
+        width = out
+    batch = draw(st.integers(1, 3))
+    seed = draw(st.integers(0, 2 ** 16))
+    torch.manual_seed(seed)
+    model = nn.Sequential(*mods).to(DT)
+    x = torch.randn(batch, c_in, side, side, dtype=DT)
+    y = torch.randn(batch, width, dtype=DT) if loss == "square" else torch.randint(0, width, (batch,))
+    return model, x, y, loss, draw(st.sampled_from([0.0, 0.02, 0.3])), draw(st.sampled_from([0.1, 1.0, 10.0]))
+
+
+@settings(max_examples=10)
+@given(conv_chains())
+def test_random_conv_chains_match_dense(chain):
+    """The acceptance sweep on conv chains: every "dp" / "dual" direction equals "dense" to 1e-8
+    relative, the DP gradient step is -gamma x autograd's gradient, the dual's calls <= 2q+1."""
+    model, x, y, loss, l2, gamma = chain
+    kw = dict(loss=loss, l2=l2)
+    model.zero_grad()
+    objective(model, x, y, loss, l2).backward()
+    expected = [-gamma * p.grad for p in model.parameters()]
+    res = gradient_step(model, x, y, gamma=gamma, **kw)
+    assert rel_err(res.direction, expected) < 1e-12 and res.oracle_calls == 1
+    ref = gauss_newton_step(model, x, y, gamma=gamma, method="dense", **kw)
+    q = model(x).numel()
+    for method in ("dual", "dp"):
+        res = gauss_newton_step(model, x, y, gamma=gamma, method=method, **kw)
+        assert rel_err(res.direction, ref.direction) < RTOL, method
+        if method == "dual":
+            assert res.oracle_calls <= 2 * q + 1
+    g_newton = feasible_gamma(model, x, y, loss, l2)
+    ref = newton_step(model, x, y, gamma=g_newton, method="dense", **kw)
+    res = newton_step(model, x, y, gamma=g_newton, **kw)
+    assert res.feasible and res.oracle_calls == 1
+    assert rel_err(res.direction, ref.direction) < RTOL
+
+
+def test_dp_refuses_a_problem_too_large_for_memory(monkeypatch):
+    """The DP matrices are sized before any is built (lq_bytes): over the limit, a ValueError that
+    names the sizes and the way out, with no work done; under it, the step runs."""
+    from smoothchain.oracles import lq as lq_mod
+
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    x, y = torch.randn(5, 3, dtype=DT), torch.randn(5, 2, dtype=DT)
+    # by hand: deltas (15, 20, 10), rhos (16, 10); stored A, B, K + Newton Hessians; transient
+    stored = 20 * 16 + (10 * 20 + 10 * 10 + 10 * 20)     # B_1; A_2, B_2, K_2 (A_1, K_1 unused)
+    transient = max(2 * 20 * 20 + 16 * 16, 2 * 10 * 10 + 10 * 10)
+    assert lq_mod.lq_bytes([15, 20, 10], [16, 10], "gauss-newton") == 8 * (stored + transient)
+    newton = stored + 16 ** 2 + (10 + 20) ** 2
+    assert lq_mod.lq_bytes([15, 20, 10], [16, 10], "newton") == 8 * (newton + transient)
+    monkeypatch.setattr(lq_mod, "MAX_LQ_BYTES", 8 * (newton + transient) - 1)
+    with pytest.raises(ValueError, match="GiB of dense layer matrices.*mini-batch"):
+        newton_step(model, x, y, loss="square", gamma=0.1)
+    gauss_newton_step(model, x, y, loss="square", gamma=0.1, method="dp")   # smaller: fits
+    monkeypatch.setattr(lq_mod, "MAX_LQ_BYTES", 8 * (stored + transient) - 1)
+    with pytest.raises(ValueError, match="method='dual'"):
+        gauss_newton_step(model, x, y, loss="square", gamma=0.1, method="dp")
+    monkeypatch.setattr(lq_mod, "MAX_LQ_BYTES", 8 * (newton + transient))
+    assert newton_step(model, x, y, loss="square", gamma=0.1).oracle_calls == 1
+
+
+def test_gauss_newton_dual_in_float32_stops_at_its_precision():
+    """float32: CG stops at 10 eps relative residual instead of running all q iterations towards
+    1e-13, without a warning, and the direction is the float64 one to float32 accuracy."""
+    import warnings
+
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(DT)
+    x, y = torch.randn(10, 6, dtype=DT), torch.randint(0, 3, (10,))
+    ref = gauss_newton_step(model, x, y, loss="cross-entropy", l2=1e-2, gamma=1.0, method="dense")
+    model32 = model.float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        res = gauss_newton_step(model32, x.float(), y, loss="cross-entropy", l2=1e-2, gamma=1.0)
+    assert res.oracle_calls <= 2 * 30 + 1
+    assert rel_err([d.double() for d in res.direction], ref.direction) < 1e-4
+
+
 # ----------------------------------------------------------------------------- validation
 def test_layer_grouping():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.Tanh(),

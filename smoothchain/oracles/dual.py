@@ -50,15 +50,20 @@ class DualInfo:
 
 
 def gauss_newton_dual(model: nn.Module, x: torch.Tensor, f: Callable, l2: float, gamma: float,
-                      counter: OracleCounter, *, tol: float = 1e-13,
+                      counter: OracleCounter, *, tol: float | None = None,
                       maxiter: int | None = None) -> tuple[list[torch.Tensor], DualInfo]:
     """Gauss-Newton direction by CG on the dual (18); ``maxiter`` defaults to q (the paper's bound).
 
     Stops when the recursive residual falls below ``tol`` times ||b||, when the curvature along
     the search direction vanishes (the rank of H is reached) or after ``maxiter`` iterations.
+    ``tol`` defaults to 1e-13 in float64 and to 10 x the machine epsilon in lower precisions
+    (1.2e-6 in float32), where 1e-13 cannot be reached and CG would always run q iterations; a
+    ``RuntimeWarning`` says when the final residual exceeds max(1e-6, 100 tol).
     """
     oracle = AutodiffOracle(model, x, counter)
     z = oracle.output
+    if tol is None:
+        tol = max(1e-13, 10 * torch.finfo(z.dtype).eps) if z.is_floating_point() else 1e-13
     qdim = oracle.output_dim
     maxiter = qdim if maxiter is None else int(maxiter)
     c = l2 + 1.0 / gamma
@@ -94,7 +99,7 @@ def gauss_newton_dual(model: nn.Module, x: torch.Tensor, f: Callable, l2: float,
         res = float(torch.sqrt(rr_new)) / b_norm
         d = r + (rr_new / rr) * d
         rr = rr_new
-    if res > 1e-6:
+    if res > max(1e-6, 100 * tol):
         warnings.warn(f"Gauss-Newton dual: conjugate gradient stopped after {iterations} "
                       f"iterations (q = {qdim}) at relative residual {res:.2e}; the direction "
                       "is inexact (ill-conditioned H + HKH?)", RuntimeWarning, stacklevel=3)

@@ -20,7 +20,8 @@ A_l = grad_z phi_l^T, B_l = grad_v phi_l^T, p_tau = grad f(psi(w_t)), q_l = grad
 gradient (12): P = R = Q = 0; Gauss-Newton (13): P_tau = grad^2 f, Q_l = l2 I; Newton (14):
 additionally P_{l-1} = grad^2_zz phi_l[., ., lambda_l], R_l = grad^2_zv phi_l[., ., lambda_l],
 Q_l = l2 I + grad^2_vv phi_l[., ., lambda_l], lambda_tau = grad f, lambda_{l-1} = A_l^T lambda_l.
-(P_0 and R_1 multiply z~_0 = 0 and are left at zero.)  ``None`` stands for a zero block.
+(A_1, P_0 and R_1 multiply z~_0 = 0: they are not computed, and the Riccati pass stops at
+M_1, k_1 -- K_1, C_0, c_0 multiply z~_0 too.)  ``None`` stands for a zero or unused block.
 
 Counting: the forward pass (values and per-layer vjp closures, Algo. 1) is not a call; the one
 backward sweep through the layers (Algo. 2 for the gradient; Algo. 4 lines 7-12, which here
@@ -52,9 +53,16 @@ __all__ = [
     "assemble_lq",
     "solve_lq",
     "lq_objective",
+    "lq_bytes",
+    "MAX_LQ_BYTES",
 ]
 
 STEP_KINDS = ("gradient", "gauss-newton", "newton")
+
+#: Refuse to assemble (15) when its dense matrices would need more than this many bytes
+#: (:func:`lq_bytes`); the DP stores delta_l x delta_{l-1} and delta_l x rho_l matrices per layer,
+#: delta_l = batch x width, so a full-batch Newton step on a wide layer cannot fit in memory.
+MAX_LQ_BYTES = 8 * 2 ** 30
 
 
 @dataclass(frozen=True)
@@ -142,11 +150,18 @@ def split_layers(model: nn.Module) -> ChainLayers:
 
 
 def _forward(chain: ChainLayers, vs: Sequence[torch.Tensor], x: torch.Tensor):
-    """Algo. 1: activations z_0..z_tau (structured) and the per-layer vjp closures."""
+    """Algo. 1: activations z_0..z_tau (structured) and the per-layer vjp closures.
+
+    The closure of layer l > 1 returns (grad_v, grad_z); that of layer 1 returns (grad_v,) only:
+    z_0 is the fixed input, lambda_0 = A_1^T lambda_1 is never needed (z~_0 = 0).
+    """
     zs = [chain.input(x).detach()]
     vjps = []
-    for layer, v in zip(chain.layers, vs):
-        out, vjp_fn = torch.func.vjp(layer.apply, v, zs[-1])
+    for l, (layer, v) in enumerate(zip(chain.layers, vs)):
+        if l == 0:
+            out, vjp_fn = torch.func.vjp(lambda v, z=zs[0], layer=layer: layer.apply(v, z), v)
+        else:
+            out, vjp_fn = torch.func.vjp(layer.apply, v, zs[-1])
         zs.append(out.detach())
         vjps.append(vjp_fn)
     return zs, vjps
@@ -166,7 +181,8 @@ def gradient_dp(model: nn.Module, x: torch.Tensor, f: Callable, l2: float, gamma
     counter.backward_calls += 1
     steps = [None] * len(vs)
     for l in reversed(range(len(vs))):
-        g_v, lam = vjps[l](lam)
+        g_v, *rest = vjps[l](lam)
+        lam = rest[0] if rest else None
         steps[l] = -gamma * (l2 * vs[l] + g_v)
     return chain.to_parameters(steps)
 
@@ -175,7 +191,7 @@ def gradient_dp(model: nn.Module, x: torch.Tensor, f: Callable, l2: float, gamma
 class LQProblem:
     """Problem (15). Lists over layers l = 1..tau (Python index l-1), P and p over 0..tau."""
 
-    A: list[torch.Tensor]
+    A: list[torch.Tensor | None]   # A[0] = None: A_1 multiplies z~_0 = 0
     B: list[torch.Tensor]
     P: list[torch.Tensor | None]
     p: list[torch.Tensor | None]
@@ -195,11 +211,35 @@ class LQSolution:
     gamma: float            # the step size used
     feasible: bool          # Algo. 4's flag: False iff the requested gamma needed halving
     tries: int              # Riccati passes run (1 + number of halvings)
+    failed_at: tuple[int, ...] = ()   # per failed pass, the 0-based layer whose stage was not PD
+
+
+def lq_bytes(deltas: Sequence[int], rhos: Sequence[int], kind: str, itemsize: int = 8) -> int:
+    """Bytes of the dense matrices that :func:`assemble_lq` and :func:`solve_lq` hold at once.
+
+    ``deltas`` = (delta_0, ..., delta_tau) (activation sizes over the batch), ``rhos`` =
+    (rho_1, ..., rho_tau).  Stored per layer: B_l (delta_l x rho_l), A_l (delta_l x delta_{l-1})
+    and K_l (rho_l x delta_{l-1}) for l > 1, and for Newton the layer Hessian
+    ((rho_l + delta_{l-1})^2 with its Q_l, R_l, P_{l-1} blocks; rho_1^2 for l = 1); transient, for
+    the largest layer: the basis of the vmapped vjps (delta_l^2), C_l (delta_l^2) and M_l (rho_l^2).
+    """
+    stored = transient = 0
+    for l, rho in enumerate(rhos, start=1):
+        d_in, d_out = deltas[l - 1], deltas[l]
+        stored += d_out * rho + ((d_out * d_in + rho * d_in) if l > 1 else 0)
+        if kind == "newton":
+            stored += (rho + (d_in if l > 1 else 0)) ** 2
+        transient = max(transient, 2 * d_out * d_out + rho * rho)
+    return itemsize * (stored + transient)
 
 
 def assemble_lq(model: nn.Module, x: torch.Tensor, f: Callable, l2: float, kind: str,
                 counter: OracleCounter) -> LQProblem:
-    """Build (15) at w_t for ``kind`` in {"gradient", "gauss-newton", "newton"} (RH Prop. 3.1)."""
+    """Build (15) at w_t for ``kind`` in {"gradient", "gauss-newton", "newton"} (RH Prop. 3.1).
+
+    Raises ``ValueError`` before any derivative is materialised when the problem's dense matrices
+    would exceed :data:`MAX_LQ_BYTES` (:func:`lq_bytes`).
+    """
     if kind not in STEP_KINDS:
         raise ValueError(f"kind must be one of {STEP_KINDS}, got {kind!r}")
     chain = split_layers(model)
@@ -207,6 +247,15 @@ def assemble_lq(model: nn.Module, x: torch.Tensor, f: Callable, l2: float, kind:
     tau = len(vs)
     zs, vjps = _forward(chain, vs, x)
     counter.forward_passes += 1
+    deltas = [z.numel() for z in zs]
+    need = lq_bytes(deltas, [v.numel() for v in vs], kind, zs[-1].element_size())
+    if need > MAX_LQ_BYTES:
+        raise ValueError(
+            f"the {kind} step by dynamic programming would hold ~{need / 2 ** 30:.3g} GiB of dense "
+            f"layer matrices (activation sizes batch x width = {deltas}; limit "
+            f"smoothchain.oracles.lq.MAX_LQ_BYTES = {MAX_LQ_BYTES / 2 ** 30:.3g} GiB): take the "
+            f"step on a smaller mini-batch or a narrower chain"
+            + (", or use Gauss-Newton by the dual (method='dual')" if kind == "gauss-newton" else ""))
     g = loss_grad(f, zs[-1]).reshape(-1)
     A, B = [None] * tau, [None] * tau
     P: list = [None] * (tau + 1)
@@ -223,9 +272,10 @@ def assemble_lq(model: nn.Module, x: torch.Tensor, f: Callable, l2: float, kind:
         z_in, z_out = zs[l], zs[l + 1]
         d_out, d_in = z_out.numel(), z_in.numel()
         basis = torch.eye(d_out, dtype=z_out.dtype, device=z_out.device).reshape(d_out, *z_out.shape)
-        Bt, At = torch.func.vmap(vjps[l])(basis)
+        Bt, *At = torch.func.vmap(vjps[l])(basis)
         B[l] = Bt.reshape(d_out, -1)
-        A[l] = At.reshape(d_out, d_in)
+        if l > 0:   # A_1 multiplies z~_0 = 0: not computed
+            A[l] = At[0].reshape(d_out, d_in)
         rho = B[l].shape[1]
         if kind != "gradient" and l2:
             Q[l] = l2 * torch.eye(rho, dtype=g.dtype, device=g.device)
@@ -243,12 +293,17 @@ def assemble_lq(model: nn.Module, x: torch.Tensor, f: Callable, l2: float, kind:
                 R[l] = H_zv.detach()
                 P[l] = H_zz.detach()
             Q[l] = H_vv.detach() if Q[l] is None else Q[l] + H_vv.detach()
-        lam = A[l].T @ lam
+        if l > 0:
+            lam = A[l].T @ lam
     return LQProblem(A, B, P, p, R, Q, q, chain)
 
 
 def _riccati(lq: LQProblem, gamma: float):
-    """Algo. 4 lines 14-22: (ok, K, k) for one gamma; ok is False at the first non-PD stage."""
+    """Algo. 4 lines 14-22 for one gamma: ``(failed, K, k)``; ``failed`` is None when every stage
+    is positive definite, else the 0-based layer index of the first stage that is not.
+
+    At layer 1 only M_1 and k_1 are formed: K_1 and C_0, c_0 multiply z~_0 = 0.
+    """
     tau = lq.depth
     C = lq.P[tau]
     c = lq.p[tau]
@@ -256,25 +311,28 @@ def _riccati(lq: LQProblem, gamma: float):
     for l in reversed(range(tau)):
         A, B = lq.A[l], lq.B[l]
         rho = B.shape[1]
-        M = torch.eye(rho, dtype=A.dtype, device=A.device) / gamma
+        M = torch.eye(rho, dtype=B.dtype, device=B.device) / gamma
         if lq.Q[l] is not None:
             M = M + lq.Q[l]
-        CA = C @ A if C is not None else None
         if C is not None:
-            M = M + B.T @ C @ B
+            M = M + (B.T @ C) @ B
         M = 0.5 * (M + M.T)
         L, info = torch.linalg.cholesky_ex(M)
         if int(info) != 0 or not bool(torch.isfinite(L).all()):
-            return False, None, None
-        N = B.T @ CA if CA is not None else torch.zeros(rho, A.shape[1], dtype=A.dtype, device=A.device)
-        if lq.R[l] is not None:
-            N = N + lq.R[l].T
-        n = B.T @ c if c is not None else torch.zeros(rho, dtype=A.dtype, device=A.device)
+            return l, None, None
+        n = B.T @ c if c is not None else torch.zeros(rho, dtype=B.dtype, device=B.device)
         if lq.q[l] is not None:
             n = n + lq.q[l]
-        K[l] = -torch.cholesky_solve(N, L)
         k[l] = -torch.cholesky_solve(n.unsqueeze(1), L).squeeze(1)
-        # C_{l-1} = P_{l-1} + A^T C A + N^T K ; c_{l-1} = A^T c + p_{l-1} + N^T k
+        if l == 0:
+            break
+        # N = R^T + B^T C A; K = -M^{-1} N; C_{l-1} = P_{l-1} + A^T C A + N^T K;
+        # c_{l-1} = A^T c + p_{l-1} + N^T k
+        CA = C @ A if C is not None else None
+        N = B.T @ CA if CA is not None else torch.zeros(rho, A.shape[1], dtype=B.dtype, device=B.device)
+        if lq.R[l] is not None:
+            N = N + lq.R[l].T
+        K[l] = -torch.cholesky_solve(N, L)
         C_new = N.T @ K[l]
         if CA is not None:
             C_new = C_new + A.T @ CA
@@ -287,17 +345,19 @@ def _riccati(lq: LQProblem, gamma: float):
         if lq.p[l] is not None:
             c_new = c_new + lq.p[l]
         c = c_new
-    return True, K, k
+    return None, K, k
 
 
 def solve_lq(lq: LQProblem, gamma: float, *, max_halvings: int = 100) -> LQSolution:
     """RH Prop. C.1 / Algo. 4: Riccati pass, halving gamma while a stage is not positive definite
     (gamma^-1 I + Q_l + B_l^T C_l B_l not > 0), then the rollout from z~_0 = 0."""
     feasible = True
+    failed_at: list[int] = []
     for tries in range(1, max_halvings + 2):
-        ok, K, k = _riccati(lq, gamma)
-        if ok:
+        failed, K, k = _riccati(lq, gamma)
+        if failed is None:
             break
+        failed_at.append(failed)
         feasible = False
         gamma = gamma / 2.0
     else:
@@ -307,22 +367,24 @@ def solve_lq(lq: LQProblem, gamma: float, *, max_halvings: int = 100) -> LQSolut
     v = []
     for l in range(lq.depth):
         vl = k[l] if z is None else K[l] @ z + k[l]
-        z = lq.B[l] @ vl if z is None else lq.A[l] @ z + lq.B[l] @ vl
+        if l + 1 < lq.depth:   # z~_tau is not needed
+            z = lq.B[l] @ vl if z is None else lq.A[l] @ z + lq.B[l] @ vl
         v.append(vl)
-    return LQSolution(v, gamma, feasible, tries)
+    return LQSolution(v, gamma, feasible, tries, tuple(failed_at))
 
 
 def lq_objective(lq: LQProblem, v: Sequence[torch.Tensor], gamma: float) -> torch.Tensor:
     """The value of (15) at v~ = (v~_1; ...; v~_tau), z~ given by the dynamics (for tests)."""
-    total = torch.zeros((), dtype=lq.A[0].dtype, device=lq.A[0].device)
-    z_prev = torch.zeros(lq.A[0].shape[1], dtype=lq.A[0].dtype, device=lq.A[0].device)
+    B0 = lq.B[0]
+    total = torch.zeros((), dtype=B0.dtype, device=B0.device)
+    z_prev = None
     for l in range(lq.depth):
-        z = lq.A[l] @ z_prev + lq.B[l] @ v[l]
+        z = lq.B[l] @ v[l] if z_prev is None else lq.A[l] @ z_prev + lq.B[l] @ v[l]
         if lq.P[l + 1] is not None:
             total = total + 0.5 * z @ lq.P[l + 1] @ z
         if lq.p[l + 1] is not None:
             total = total + lq.p[l + 1] @ z
-        if lq.R[l] is not None:
+        if lq.R[l] is not None and z_prev is not None:
             total = total + z_prev @ lq.R[l] @ v[l]
         if lq.Q[l] is not None:
             total = total + 0.5 * v[l] @ lq.Q[l] @ v[l]
