@@ -52,6 +52,7 @@ def test_doc_example_pl():
     # target 0.5: need (3/4)^T <= 0.1: 0.75^8 = 0.1001 > 0.1, 0.75^9 = 0.0751 -> T = 9
     assert pl_iterations(1, 0.5, 2, 0.5, 0.4, 0.5) == 9
     assert pl_iterations(1, 0.5, 2, 0.5, 0.4, 0.4) == math.inf
+    assert pl_iterations(1, 0.5, 2, 0.5, 0.4, 0.3) == math.inf  # below the floor 0.4
 
 
 def test_doc_example_gd_matches_the_certificate_constant():
