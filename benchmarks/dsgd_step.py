@@ -66,6 +66,7 @@ def main(argv=None) -> dict:
     times = {name: [] for name in runs}
 
     def iterate(name):
+        """The timed work, identical for every optimizer: zero_grad, forward, loss, backward, step."""
         net, opt = runs[name]
         k = counters[name] % n_batches
         counters[name] += 1
@@ -73,19 +74,23 @@ def main(argv=None) -> dict:
         loss = (net(xs[k]) - zs[k]).pow(2).sum(dim=1).mean()
         loss.backward()
         opt.step()
+
+    def count(name):  # bookkeeping, outside the timed region
         if name != "sgd":
-            for i in opt.last_layers:
+            for i in runs[name][1].last_layers:
                 layer_counts[name][i - 1] += 1
 
     for name in runs:  # warm-up (lazy imports, allocator)
         for _ in range(3):
             iterate(name)
+            count(name)
     for _ in range(args.rounds):
         for name in runs:
             for _ in range(args.iters):
                 t0 = time.perf_counter()
                 iterate(name)
                 times[name].append(time.perf_counter() - t0)
+                count(name)
     sgd = statistics.median(times["sgd"])
     out = {
         "benchmark": "dsgd_step",

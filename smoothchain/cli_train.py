@@ -16,6 +16,11 @@ _OPTIMIZERS = ("dsgd", "dsgd-all", "random", "sequential", "sgd-norm", "sgd", "g
                "gauss-newton", "newton")
 
 
+_DEFAULT_HIDDEN = 300          # F Sec. 5
+_SECOND_ORDER_HIDDEN = 32      # Newton by DP holds (rho_l + delta_l)^2 dense entries per layer
+_SECOND_ORDER_BATCH = 64
+
+
 def _q(text: str) -> float:
     t = text.strip().lower()
     if t in ("inf", "infinity"):
@@ -34,9 +39,13 @@ def register(sub) -> None:
     t.add_argument("--q", type=_q, default=2.0, help="layer norm: 1, 2 or inf (F Prop. 4.5)")
     t.add_argument("--data", default="digits", help="digits, mnist1d or a directory with MNIST, "
                    "Fashion-MNIST, CIFAR-10 or SVHN files")
-    t.add_argument("--hidden", type=int, default=300)
+    t.add_argument("--hidden", type=int, default=None,
+                   help=f"hidden units (default {_DEFAULT_HIDDEN}; {_SECOND_ORDER_HIDDEN} for gauss-newton/newton, "
+                        "whose dense layer matrices grow with the square of the width)")
     t.add_argument("--steps", type=int, default=100)
-    t.add_argument("--batch-size", type=int, default=0, help="0 = full batch (F's batch mode)")
+    t.add_argument("--batch-size", type=int, default=None,
+                   help=f"0 = full batch (F's batch mode; the default), {_SECOND_ORDER_BATCH} by default for "
+                        "gauss-newton/newton")
     t.add_argument("--lr", type=float, default=None, help="default: 1 for dsgd/dsgd-all, 0.1 otherwise")
     t.add_argument("--out", default=None, help="directory for metrics.jsonl, checkpoint.pt, PNGs")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
@@ -48,6 +57,9 @@ def register(sub) -> None:
     t.add_argument("--distributed", action="store_true",
                    help="data-parallel over the torchrun processes (gloo); implied under torchrun")
     t.add_argument("--no-plots", action="store_true")
+    t.add_argument("--rescale-data", action="store_true",
+                   help="dsgd/dsgd-all: divide the inputs by their max |entry| when it exceeds 1 "
+                        "(F Assumption 4.1 ii); without it such data is an error")
     t.add_argument("--json", action="store_true")
     t.set_defaults(handler=_cmd_train)
 
@@ -83,6 +95,13 @@ def _cmd_train(args) -> int:
     from .distributed import in_torchrun
     from .train import TrainConfig, train
 
+    second_order = args.optimizer in ("gauss-newton", "newton")
+    if args.hidden is None:
+        args.hidden = _SECOND_ORDER_HIDDEN if second_order else _DEFAULT_HIDDEN
+    if args.batch_size is None:
+        args.batch_size = 0
+        if second_order:  # --limit caps the training split
+            args.batch_size = _SECOND_ORDER_BATCH if args.limit is None else min(_SECOND_ORDER_BATCH, args.limit)
     if args.steps < 0 or args.batch_size < 0 or args.hidden < 1:
         raise CLIError("--steps and --batch-size must be >= 0 and --hidden >= 1")
     if args.checkpoint_every < 1 or args.eval_every < 1:
@@ -95,7 +114,8 @@ def _cmd_train(args) -> int:
                       steps=args.steps, batch_size=args.batch_size, lr=args.lr, out=args.out,
                       resume=args.resume, seed=args.seed, checkpoint_every=args.checkpoint_every,
                       eval_every=args.eval_every, limit=args.limit, dtype=args.dtype,
-                      distributed=args.distributed or in_torchrun(), plots=not args.no_plots)
+                      distributed=args.distributed or in_torchrun(), plots=not args.no_plots,
+                      rescale_data=args.rescale_data)
     ctx = None
     try:
         if cfg.distributed:
@@ -115,9 +135,13 @@ def _cmd_train(args) -> int:
             print(json.dumps(summary))
         else:
             f = summary["final"] or {}
-            print(f"{summary['optimizer']} q={summary['q']}: {summary['steps']} steps, train error "
-                  f"{f.get('train_error')}, test accuracy {f.get('test_accuracy')}, layer updates "
-                  f"{summary['counts']}", file=sys.stdout)
+            from .train import LAYERWISE
+
+            layerwise = summary["optimizer"] in LAYERWISE
+            head = f"{summary['optimizer']} q={summary['q']}" if layerwise else summary["optimizer"]
+            tail = f", layer updates {summary['counts']}" if layerwise else ""
+            print(f"{head}: {summary['steps']} steps, train error {f.get('train_error')}, test accuracy "
+                  f"{f.get('test_accuracy')}{tail}", file=sys.stdout)
     return 0
 
 

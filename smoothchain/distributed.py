@@ -10,6 +10,10 @@ and weights, so every rank picks the same layer (F Algo. 4.1 line 9) and step;
 :meth:`Context.check_same` verifies it after each step (an all-reduce of the chosen layers).
 DSGD's hook-captured low-rank factors are local to a rank, so distributed runs use the dense
 q = 2 route (``capture="none"``).  Only rank 0 writes metrics, checkpoints and figures.
+
+:meth:`Context.close` ends a run cleanly: a barrier, then ``destroy_process_group``, which
+frees the group -- and joins gloo's threads -- only if nothing else holds it; see
+:func:`_import_lazy_torch_modules` for what did.
 """
 
 from __future__ import annotations
@@ -25,6 +29,22 @@ __all__ = ["Context", "in_torchrun"]
 def in_torchrun() -> bool:
     """True when the torchrun environment variables are set (WORLD_SIZE, RANK, MASTER_ADDR)."""
     return all(k in os.environ for k in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def _import_lazy_torch_modules() -> None:
+    """Import ``torch._dynamo`` *before* the process group exists.
+
+    ``torch.optim.Optimizer`` imports ``torch._dynamo`` lazily, and some of the ~800 modules
+    that pulls in evaluate ``dist.group.WORLD`` at import time (e.g. as default arguments).
+    Imported after ``init_process_group`` they keep ~10 references to the process group, so
+    ``destroy_process_group`` cannot free it: gloo's worker threads survive until interpreter
+    finalisation, and one of them releasing a tensor then needs the GIL of a finalising
+    interpreter -> "terminate called without an active exception" (SIGABRT) at exit.
+    Imported first, they see ``WORLD = None`` and hold nothing."""
+    try:
+        import torch._dynamo  # noqa: F401
+    except Exception:  # pragma: no cover - optional in minimal torch builds
+        pass
 
 
 @dataclass
@@ -49,6 +69,7 @@ class Context:
             return cls()
         here = False
         if not dist.is_initialized():
+            _import_lazy_torch_modules()
             dist.init_process_group("gloo")
             here = True
         return cls(dist.get_rank(), dist.get_world_size(), here)
@@ -85,7 +106,16 @@ class Context:
             raise RuntimeError(f"rank {self.rank}: ranks chose different layers ({layers})")
 
     def close(self) -> None:
+        """Leave the process group: a barrier (no rank tears its gloo pairs down while another
+        still talks to it), then ``destroy_process_group``.  Without this, gloo's threads are
+        still alive at interpreter exit and a rank can die with "terminate called without an
+        active exception" (SIGABRT) after training finished.  Idempotent."""
         import torch.distributed as dist
 
-        if self.initialized_here and dist.is_initialized():
+        if not (self.initialized_here and dist.is_initialized()):
+            return
+        try:
+            dist.barrier()
+        finally:
             dist.destroy_process_group()
+            self.initialized_here = False

@@ -32,7 +32,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -45,6 +45,8 @@ __all__ = ["TrainConfig", "train", "build_model", "make_optimizer", "evaluate", 
 OPTIMIZERS = ("dsgd", "dsgd-all", "random", "sequential", "sgd-norm", "sgd", "gd",
               "gauss-newton", "newton")
 LAYERWISE = ("dsgd", "dsgd-all", "random", "sequential", "sgd-norm")
+#: optimizers whose steps divide by p_i(w), valid under F Assumption 4.1 (ii) only
+BOUNDED = ("dsgd", "dsgd-all")
 DEFAULT_LR = {"dsgd": 1.0, "dsgd-all": 1.0, "random": 0.1, "sequential": 0.1, "sgd-norm": 0.1,
               "sgd": 0.1, "gd": 0.1, "gauss-newton": 1.0, "newton": 1.0}
 
@@ -67,9 +69,30 @@ class TrainConfig:
     dtype: str = "float32"
     distributed: bool = False
     plots: bool = True
+    rescale_data: bool = False  # DSGD: divide inputs by max |x| if F Assumption 4.1 (ii) fails
 
     def resolved_lr(self) -> float:
         return float(DEFAULT_LR[self.optimizer] if self.lr is None else self.lr)
+
+
+def _check_assumption_41(x_tr, z_tr, x_te, z_te, cfg):
+    """F Assumption 4.1 (ii) with D = 1 for the optimizers whose steps use p_i(w): a clear
+    ``ValueError`` naming the split, or (``cfg.rescale_data``) inputs divided by their largest
+    |entry| over both splits (one factor, so train and test stay comparable).  Targets are never
+    rescaled (that would change the objective)."""
+    from .dsgd import check_data
+
+    m = max(float(x_tr.abs().max()) if x_tr.numel() else 0.0,
+            float(x_te.abs().max()) if x_te.numel() else 0.0)
+    if cfg.rescale_data and m > 1.0:
+        x_tr, x_te = x_tr / m, x_te / m
+    for split, x, z in (("training", x_tr, z_tr), ("test", x_te, z_te)):
+        try:
+            check_data(x, z, 1.0)
+        except ValueError as exc:
+            hint = "" if cfg.rescale_data else " (--rescale-data divides the inputs by their max |entry|)"
+            raise ValueError(f"{cfg.optimizer} on {cfg.data!r}, {split} split: {exc}{hint}") from None
+    return x_tr, z_tr, x_te, z_te
 
 
 def objective(out: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -154,7 +177,15 @@ class Progress:
                          f"{rate:.1f} it/s {info}")
         if done >= self.total:
             sys.stderr.write("\n")
+            self._last = None  # the line is finished
         sys.stderr.flush()
+
+    def close(self) -> None:
+        """End an unfinished bar's line, so that what is printed next (an error) starts a line."""
+        if self.enabled and self._last is not None and self._last >= 0:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self._last = None
 
 
 def _atomic_write_bytes(path: Path, writer: Callable[[str], None]) -> None:
@@ -185,22 +216,37 @@ def train(cfg: TrainConfig, *, data=None, progress: bool = True,
     ``data``: an already loaded :class:`smoothchain.data.Dataset` (else ``cfg.data`` is loaded).
     ``stop_after``: stop (without the final checkpoint) after this global step -- a simulated
     kill, for tests.  ``metrics_out``: a dict that receives ``"metrics"`` (the list of records).
-    ``dist_ctx``: a :class:`smoothchain.distributed.Context` (else one is made
-    from the environment when ``cfg.distributed``).
+    ``dist_ctx``: a :class:`smoothchain.distributed.Context` (else, when ``cfg.distributed``,
+    one is made from the environment and closed -- barrier, ``destroy_process_group`` -- at
+    the end).
     """
+    from .distributed import Context
+
+    own = None
+    if dist_ctx is None:
+        dist_ctx = own = Context.from_env() if cfg.distributed else Context.single()
+    try:
+        return _train(cfg, data=data, progress=progress, stop_after=stop_after, ctx=dist_ctx,
+                      metrics_out=metrics_out)
+    finally:
+        if own is not None:
+            own.close()
+
+
+def _train(cfg: TrainConfig, *, data, progress: bool, stop_after: int | None, ctx,
+           metrics_out: dict | None) -> dict:
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
     if cfg.steps < 0 or cfg.batch_size < 0 or cfg.checkpoint_every < 1 or cfg.eval_every < 1:
         raise ValueError("steps and batch_size must be >= 0, checkpoint_every and eval_every >= 1")
     dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
-    from .distributed import Context
-
-    ctx = dist_ctx or (Context.from_env() if cfg.distributed else Context.single())
     ds = data if data is not None else load_data(cfg.data, limit=cfg.limit, dtype=dtype)
     x_tr = ds.x_train.reshape(ds.x_train.shape[0], -1).to(dtype)
     z_tr = ds.y_train.to(dtype)
     x_te = ds.x_test.reshape(ds.x_test.shape[0], -1).to(dtype)
     z_te = ds.y_test.to(dtype)
+    if cfg.optimizer in BOUNDED:
+        x_tr, z_tr, x_te, z_te = _check_assumption_41(x_tr, z_tr, x_te, z_te, cfg)
     n = x_tr.shape[0]
     if cfg.batch_size > n:
         raise ValueError(f"batch_size {cfg.batch_size} exceeds the {n} training examples")
@@ -254,7 +300,8 @@ def train(cfg: TrainConfig, *, data=None, progress: bool = True,
     if metrics_out is not None:
         metrics_out["metrics"] = metrics
     fh = open(metrics_path, "a") if (metrics_path and is_main) else None
-    bar = Progress(cfg.steps, f"{cfg.optimizer} q={_qs(cfg.q)}", enabled=progress and is_main)
+    label = f"{cfg.optimizer} q={_qs(cfg.q)}" if cfg.optimizer in LAYERWISE else cfg.optimizer
+    bar = Progress(cfg.steps, label, enabled=progress and is_main)
     bar.update(start)
     newton = cfg.optimizer in ("gauss-newton", "newton")
     try:
@@ -271,8 +318,11 @@ def train(cfg: TrainConfig, *, data=None, progress: bool = True,
                 xb, zb = ctx.shard(xb), ctx.shard(zb)
                 weight = xb.shape[0] * ctx.world_size / n_global  # unequal shards: exact mean
             if newton:
-                loss = opt.step(lambda xb=xb, zb=zb: (xb, zb))
-                loss = float(objective(model(xb), zb).detach()) if loss is None else float(loss)
+                # the same column as the other optimizers: F's objective (eq. 21, no 1/2) on the
+                # batch at the weights before the step (the optimizer's own value is 1/(2m) sum)
+                with torch.no_grad():
+                    loss = float(objective(model(xb), zb))
+                opt.step(lambda xb=xb, zb=zb: (xb, zb))
             else:
                 def closure(xb=xb, zb=zb, weight=weight):
                     opt.zero_grad()
@@ -309,6 +359,7 @@ def train(cfg: TrainConfig, *, data=None, progress: bool = True,
             if t % cfg.checkpoint_every == 0:
                 save_checkpoint(t)
     finally:
+        bar.close()
         if fh:
             fh.close()
     final_step = metrics[-1]["step"] if metrics else start

@@ -150,3 +150,25 @@ def test_incremental_norm_bounds_stay_upper_bounds():
             assert bound >= exact
             incremental += opt._norm_cache[i][3] > 0
     assert incremental > 0  # the increments were used, not only exact recomputation
+
+
+@pytest.mark.parametrize("variant", ["greedy", "all"])
+def test_q2_routes_agree(variant):
+    """method="svd" (LAPACK SVD of the dense gradient), "gram" (the dense m x m core) and
+    "auto" (hook-recorded factors) make the same choices and the same updates."""
+    nets = {m: _net(7) for m in ("svd", "gram", "auto")}
+    opts = {m: DSGD(n, q=2, variant=variant, method=m, mode="stochastic") for m, n in nets.items()}
+    assert opts["auto"]._hooks and not opts["svd"]._hooks
+    g = torch.Generator().manual_seed(8)
+    for _ in range(6):
+        x = torch.rand(8, 40, generator=g, dtype=torch.float64)
+        z = torch.rand(8, 5, generator=g, dtype=torch.float64)
+        for m, net in nets.items():
+            opts[m].zero_grad()
+            ((net(x) - z) ** 2).sum(1).mean().backward()
+            opts[m].step()
+        assert opts["svd"].last_layers == opts["gram"].last_layers == opts["auto"].last_layers
+        ref = [p.detach() for p in nets["svd"].parameters()]
+        for m in ("gram", "auto"):
+            for a, b in zip(ref, nets[m].parameters()):
+                torch.testing.assert_close(b.detach(), a, rtol=1e-7, atol=1e-12)

@@ -257,3 +257,25 @@ def test_product_tie_breaking_and_errors():
     with pytest.raises(ValueError, match="2 blocks, 1 weights"):
         product_norm(ells, [1.0], 2)
 
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e-200, 1e-150, 1.0, 1e150, 1e250], ids=lambda s: f"{s:g}")
+@pytest.mark.parametrize("shape", [(3, 4), (40, 50)], ids=["svd", "gram"])
+def test_norms_are_scale_robust(scale, shape):
+    """Every norm is positively homogeneous: ||s G|| = s ||G||, also where squaring s G would
+    underflow (s = 1e-300: entries ~1e-300, squares 0) or overflow (s = 1e250) -- the Gram
+    matrices are formed from G / max|G_ij| (hypothesis found q = 2 returning 0 at 5e-274)."""
+    g = torch.Generator().manual_seed(0)
+    G = torch.randn(*shape, generator=g, dtype=torch.float64)
+    sG = G * scale
+    for q in QS:
+        assert matrix_norm(sG, q) == pytest.approx(scale * matrix_norm(G, q), rel=1e-12)
+        for method in (["svd", "gram"] if q == 2 else ["auto"]):
+            N = dual_norm(sG, q, method=method)
+            assert N == pytest.approx(scale * dual_norm(G, q, method=method), rel=1e-9)
+            rho, N2 = duality_map(sG, q, method=method)
+            assert N2 == pytest.approx(N, rel=1e-12)
+            assert matrix_norm(rho, q) == pytest.approx(N, rel=1e-6)             # F (4a)
+            assert float((G * rho).sum()) == pytest.approx(N / scale * N, rel=1e-6)  # F (4b) / s
+        assert product_norm([sG], [2.0], q) == pytest.approx(2 * scale * matrix_norm(G, q), rel=1e-12)
+    assert spectral_norm(sG) > 0.0

@@ -53,6 +53,7 @@ from .norms import check_q, matrix_norm
 __all__ = [
     "ACTIVATIONS",
     "ActivationConstants",
+    "ChainConstants",
     "LayerSpec",
     "parse_model",
     "input_norm_bound",
@@ -217,27 +218,60 @@ def loss_constants(n_out: int, q: float, data_bound: float = 1.0) -> tuple[float
     return d1, d2
 
 
+@dataclass(frozen=True)
+class ChainConstants:
+    """The weight-independent constants of F Prop. 4.3 for one network, q and D.
+
+    ``c2[i]`` = c_i^2 (layer i's augmented-input bound squared), ``alpha[i]``, ``beta[i]`` the
+    activation constants, ``d1``, ``d2`` = d_{q,1}, d_{q,2} on the output width (F Table 1 with
+    the bookkeeping of the module docstring).  :meth:`p` evaluates F eq. (23) from the layer
+    norms in O(K) floating-point operations, so optimizers can call it every step.
+    """
+
+    c2: tuple
+    alpha: tuple
+    beta: tuple
+    d1: float
+    d2: float
+
+    @classmethod
+    def build(cls, layers: Sequence[LayerSpec], q, data_bound: float = 1.0) -> "ChainConstants":
+        q = check_q(q)
+        D = check_data_bound(data_bound)
+        d1, d2 = loss_constants(layers[-1].out_features, q, D)
+        c2 = tuple(input_norm_bound(s.in_features, s.bias, q, D if k == 0 else 1.0) ** 2
+                   for k, s in enumerate(layers))
+        return cls(c2, tuple(s.activation.d1 for s in layers), tuple(s.activation.d2 for s in layers),
+                   d1, d2)
+
+    def p(self, norms: Sequence[float]) -> list[float]:
+        """p_1..p_K (F eq. 23) from z_i = ||[W_i | b_i]||_q (z_1 is never used): the backward
+        recursions r^(i-1) = alpha_i z_i r^(i), v^(i-1) = alpha_i^2 z_i^2 v^(i) + beta_i z_i^2 r^(i)
+        of the module docstring (F eqs. 59-60), s_i of F Prop. 4.3, p_i = sqrt(s_i + 1)."""
+        K = len(self.c2)
+        if len(norms) != K:
+            raise ValueError(f"need {K} layer norms, got {len(norms)}")
+        d1, d2, c2, alpha, beta = self.d1, self.d2, self.c2, self.alpha, self.beta
+        sqrt = math.sqrt
+        p = [0.0] * K
+        r, v = 1.0, 0.0  # r^(K), v^(K): the identity map after the last layer
+        for i in range(K - 1, -1, -1):  # 0-based i is F's layer i+1
+            a, bb = alpha[i], beta[i]
+            a2 = a * a
+            p[i] = sqrt(c2[i] * (d2 * a2 * r * r + d1 * a2 * v + d1 * bb * r) + 1.0)
+            z = float(norms[i])
+            z2 = z * z
+            v, r = a2 * z2 * v + bb * z2 * r, a * z * r
+        return p
+
+
 def layer_bounds_from_norms(layers: Sequence[LayerSpec], norms: Sequence[float], q,
                             data_bound: float = 1.0) -> list[float]:
-    """p_1..p_K from the layers' operator norms z_i = ||[W_i | b_i]||_q (z_1 is never used)."""
-    q = check_q(q)
-    D = check_data_bound(data_bound)
-    K = len(layers)
-    if len(norms) != K:
-        raise ValueError(f"need {K} layer norms, got {len(norms)}")
-    d1, d2 = loss_constants(layers[-1].out_features, q, D)
-    p = [0.0] * K
-    r, v = 1.0, 0.0  # r^(K), v^(K): the identity map after the last layer
-    for i in range(K - 1, -1, -1):  # 0-based i is F's layer i+1
-        spec = layers[i]
-        a, bb = spec.activation.d1, spec.activation.d2
-        entry = D if i == 0 else 1.0
-        c = input_norm_bound(spec.in_features, spec.bias, q, entry)
-        s = c * c * (d2 * a * a * r * r + d1 * a * a * v + d1 * bb * r)
-        p[i] = math.sqrt(s + 1.0)
-        z = float(norms[i])
-        v, r = a * a * z * z * v + bb * z * z * r, a * z * r
-    return p
+    """p_1..p_K of F Prop. 4.3 (eq. 23) from the layers' operator norms
+    z_i = ||[W_i | b_i]||_q (z_1 is never used); see :class:`ChainConstants`."""
+    if len(norms) != len(layers):
+        raise ValueError(f"need {len(layers)} layer norms, got {len(norms)}")
+    return ChainConstants.build(layers, q, data_bound).p(norms)
 
 
 def _check_finite(layers: Sequence[LayerSpec]) -> None:

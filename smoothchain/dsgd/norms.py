@@ -25,13 +25,15 @@ A duality map rho (F Def. 3.2) returns rho(G) with ||rho(G)||_q = ||G||_* (4a) a
 
 * q = 1:   rho(G) = ||G||_* m, m_ij = sgn(G_ij) at the first arg max of |G_.j| in each column;
 * q = inf: the same per row;
-* q = 2:   rho(G) = ||G||_* U V^T, the polar factor of G (all singular values set to one).
+* q = 2:   rho(G) = ||G||_* U V^T over the rank of G (its non-zero singular values set to one).
 
 ``sgn(0) = +1`` as in F's notation section, so m always has max column (row) sum one.  A 1-D
 tensor is treated as a column vector (r x 1), for which the operator norm is the vector
 q-norm and the dual is the conjugate vector norm.
 
-Numerics.  Everything is computed in float64.  Spectral norms of weights (needed as *upper*
+Numerics.  Everything is computed in float64, and every Gram matrix is formed from the matrix
+divided by its largest |entry| (so entries of any magnitude, ~1e-300 or ~1e300, neither
+underflow nor overflow when squared).  Spectral norms of weights (needed as *upper*
 bounds inside F's p_i) are exact: the largest eigenvalue of the smaller Gram matrix (A A^T or
 A^T A) by ``torch.linalg.eigvalsh`` -- never power iteration, which under-estimates.  For the
 nuclear norm and polar factor there are two methods: ``"svd"`` (LAPACK SVD; (4a)/(4b) to
@@ -107,18 +109,29 @@ def _restore(M: torch.Tensor, was_numpy: bool, shape: tuple, dtype):
     return M.to(dtype)
 
 
+def _scaled(M: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(M / s, s) with s = max |M_ij| (1 for a zero or non-finite matrix), so that Gram matrices
+    of M / s neither underflow (entries ~1e-200 square to 0) nor overflow (~1e200 to inf)."""
+    s = M.abs().max().item()
+    if not (s > 0.0 and math.isfinite(s)):
+        return M, 1.0
+    return M / s, s
+
+
 def spectral_norm(A) -> float:
     """Exact largest singular value of A (float64): sqrt of lambda_max of the smaller Gram matrix.
 
     ``eigvalsh`` is backward stable, so lambda_max is accurate to ~1e-16 relative: this is an
     upper bound up to rounding, unlike power iteration which approaches sigma_max from below.
+    The Gram matrix is formed from A / max|A_ij| (scale-robust: no under- or overflow).
     """
     M = _as_matrix(A)[0]
     if M.numel() == 0:
         return 0.0
+    M, s = _scaled(M)
     gram = M @ M.T if M.shape[0] <= M.shape[1] else M.T @ M
     lam = torch.linalg.eigvalsh(gram)[-1].item()
-    return math.sqrt(max(lam, 0.0))
+    return math.sqrt(max(lam, 0.0)) * s
 
 
 def matrix_norm(A, q) -> float:
@@ -144,7 +157,8 @@ def _pick(q: float, method: str, M: torch.Tensor) -> str:
 
 
 def _gram_eig(M: torch.Tensor, vectors: bool):
-    """Eigen-decomposition of the smaller Gram matrix; returns (kept sigmas, U, transposed)."""
+    """Eigen-decomposition of the smaller Gram matrix of M (M already scaled, see
+    :func:`_scaled`); returns (kept sigmas, U, X, transposed)."""
     transposed = M.shape[0] > M.shape[1]
     X = M.T if transposed else M
     gram = X @ X.T
@@ -172,7 +186,8 @@ def dual_norm(G, q, *, method: str = "auto") -> float:
         return M.abs().amax(dim=1).sum().item()
     if _pick(q, method, M) == "svd":
         return torch.linalg.svdvals(M).sum().item()
-    return _gram_eig(M, vectors=False)[0].sum().item()
+    M, s = _scaled(M)
+    return _gram_eig(M, vectors=False)[0].sum().item() * s
 
 
 def _argmax_sign(M: torch.Tensor, dim: int) -> torch.Tensor:
@@ -187,7 +202,13 @@ def _polar(M: torch.Tensor, method: str) -> tuple[torch.Tensor, float]:
     """(U V^T over the numerical range, nuclear norm consistent with it)."""
     if method == "svd":
         U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-        return U @ Vh, S.sum().item()
+        # F eq. (28) sums over i <= rank G: keep the numerically non-zero singular values
+        # (numpy.linalg.matrix_rank's tolerance); the dropped ones are below max(r, c) u_64 of
+        # sigma_max, so (4b) holds to that relative order
+        tol = S[0].item() * max(M.shape) * torch.finfo(torch.float64).eps if S.numel() else 0.0
+        k = int((S > tol).sum()) if tol > 0 else 0
+        return U[:, :k] @ Vh[:k], S.sum().item()
+    M, scale = _scaled(M)  # the polar factor is scale-invariant; the nuclear norm scales
     sig, U, X, transposed = _gram_eig(M, vectors=True)
     if sig.numel() == 0:
         return torch.zeros_like(M), 0.0
@@ -195,7 +216,7 @@ def _polar(M: torch.Tensor, method: str) -> tuple[torch.Tensor, float]:
     # arithmetic); one Newton-Schulz step P <- (3P - P P^T P)/2 squares the orthogonality error.
     P = U @ ((U.T @ X) / sig[:, None])
     P = 1.5 * P - 0.5 * (P @ P.T) @ P
-    nuclear = (P * X).sum().item()  # = sum of kept sigmas; makes (4b) exact for this norm
+    nuclear = (P * X).sum().item() * scale  # = sum of kept sigmas; (4b) exact for this norm
     return (P.T if transposed else P), nuclear
 
 
@@ -204,7 +225,7 @@ def duality_map(G, q, *, method: str = "auto"):
 
     Returns ``(rho, dual_norm)`` with ||rho||_q = ||G||_* (F 4a) and <G, rho> = ||G||_*^2
     (F 4b).  ``rho`` has G's shape and type (torch dtype, or numpy for numpy input);
-    ``dual_norm`` is a float.  q = 1: F eq. (27); q = 2: eq. (28) with the polar factor;
+    ``dual_norm`` is a float.  q = 1: F eq. (27); q = 2: eq. (28) (over the numerical rank);
     q = inf: eq. (29).
     """
     q = check_q(q)

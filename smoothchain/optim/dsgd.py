@@ -32,16 +32,23 @@ updates a single layer i and decreases f by at least (lr - lr^2/2) (ip/bound)^2 
 divide by p_i^2 (their step is tuned): ``bound_scaling=False`` reproduces them
 (update -lr * rho_q(g_i)).
 
-Speed (issue item 4, ``docs/dsgd.md`` section "Speed").  For q = 2 the optimizer registers a
-forward hook on every ``nn.Linear`` that records the layer input X and, through a tensor hook,
-the gradient Delta at its output, so g_i = Delta^T [X | 1] has rank <= m (the batch) and the
-nuclear norm and polar factor come from m x m matrices.  The records are checked against the
-true ``.grad`` with a random probe (a stale record falls back to the dense route) and are
-cleared by ``zero_grad`` and ``step``.  Weight norms for q = 1, inf are exact every step; q = 2
-layers keep the certified bound
-||W + D||_2 <= ||W||_2 + ||D||_2 after each of our updates and are recomputed exactly every
-``norm_refresh`` steps or whenever the parameter was changed by anything else (detected by the
-tensor's version counter).  ``norm_refresh=1`` makes every q = 2 norm exact.
+Speed (``docs/dsgd.md`` section 4.1, ``benchmarks/dsgd_step.py``).
+
+* Weight norms inside p_i are certified *upper* bounds at every step: exact (q = 1, inf: float64
+  column / row sums times 1 + gamma; q = 2: sqrt of the largest eigenvalue of the float64 Gram
+  matrix times 1 + 4(k + 1)u) every ``norm_refresh`` steps, and in between the increment
+  ||W - s Q|| <= (||W|| + s ||Q||)(1 + 3u k') after each of our updates (k' = 1 for q = 1, inf,
+  sqrt(min(r, c)) for q = 2).  Any other change of a parameter (its tensor version counter
+  moved: ``load_state_dict``, user code) forces an exact recomputation.  ``norm_refresh=1``
+  makes every norm exact.
+* q = 1, inf (:mod:`smoothchain.dsgd.sign`): one read-only pass over each gradient for its dual
+  norm, arg maxima and a one-entry-per-column (row) update for the chosen layer only; with
+  q = 1 a large layer is first screened by a Cauchy-Schwarz bound from one dot product.
+* q = 2: a forward hook on every ``nn.Linear`` records the layer input X and, through a tensor
+  hook, the gradient Delta at its output, so g_i = Delta^T [X | 1] has rank <= m (the batch)
+  and the nuclear norm and polar factor come from m x m matrices.  The records are checked
+  against the true ``.grad`` with a random probe (a stale record falls back to the dense
+  route) and are cleared by ``zero_grad`` and ``step``.
 """
 
 from __future__ import annotations
@@ -51,23 +58,36 @@ import math
 import torch
 from torch import nn
 
-from ..dsgd.bounds import (
-    check_data,
-    check_data_bound,
-    layer_bounds_from_norms,
-    layer_matrix,
-    parse_model,
-)
-from ..dsgd.lowrank import certified_direction, gamma, polar_core, unit_roundoff
+from ..dsgd.bounds import ChainConstants, check_data, check_data_bound, layer_matrix, parse_model
+from ..dsgd.lowrank import certified_direction, polar_core, unit_roundoff
+from ..dsgd.lowrank import gamma as gamma_n  # the rounding constant gamma_n = nu / (1 - nu)
 from ..dsgd.norms import check_q, duality_map, spectral_norm
+from ..dsgd.sign import apply_sign_step, sign_dual
 from ..dsgd.rates import stochastic_step_size, variance_bound
 
 __all__ = ["DSGD"]
 
+_UNIT_ROUNDOFF: dict = {}
+
+
+def _unit_roundoff(dtype: torch.dtype) -> float:
+    u = _UNIT_ROUNDOFF.get(dtype)
+    if u is None:
+        u = _UNIT_ROUNDOFF[dtype] = unit_roundoff(dtype)
+    return u
+
+
+#: the grad-mode switch behind ``torch.no_grad`` (public fallback if a build lacks it)
+_set_grad_enabled = getattr(torch._C, "_set_grad_enabled", torch.set_grad_enabled)
+
 VARIANTS = ("greedy", "all", "random", "sequential")
 MODES = ("batch", "stochastic")
-#: layers with min(r, c) up to this get exact nuclear norms in the greedy screening at once
+#: q = 2: layers with min(r, c) up to this get exact nuclear norms in the greedy screening at once
 EXACT_NORM_MAX = 64
+#: q = 1, inf: layers with at most this many weight entries get their arg maxima (for the
+#: direction) together with the dual norm; larger ones only the maxima, and with q = 1 are first
+#: screened with a Frobenius upper bound (see ``_greedy_sign``)
+SIGN_INDEX_NUMEL = 1 << 15
 
 
 class DSGD(torch.optim.Optimizer):
@@ -89,7 +109,7 @@ class DSGD(torch.optim.Optimizer):
         method: q = 2 route: "auto" (low-rank/Gram core, certified), "gram" (the same, never
             using the hooks' factors) or "svd" (LAPACK SVD of the dense gradient, the reference).
         capture: "auto" (hooks record layer inputs / output gradients when q = 2) or "none".
-        norm_refresh: exact recomputation period of the incremental q = 2 weight-norm bounds.
+        norm_refresh: exact recomputation period of the incremental weight-norm bounds.
 
     After :meth:`step`, ``last_layers`` lists the updated layers (1-based), ``last_p`` the
     p_i(w) used, ``last_dual_norms`` the ||g_i||_* computed (None where not needed) and
@@ -121,6 +141,9 @@ class DSGD(torch.optim.Optimizer):
         self.norm_refresh = norm_refresh
         self._layers = parse_model(model)
         self.model = model
+        self._consts = ChainConstants.build(self._layers, self.q, self.data_bound)
+        #: (rows, cols) of each layer matrix [W | b]
+        self._dims = [(sp.out_features, sp.in_features + int(sp.bias)) for sp in self._layers]
 
         self.sigma2 = None
         if gamma is not None:
@@ -155,6 +178,20 @@ class DSGD(torch.optim.Optimizer):
         self._hooks = []
         self._probes: list[torch.Tensor | None] = [None] * len(self._layers)
         self._fac_cache: dict = {}
+        self._abs_bufs: dict = {}
+        # the layers' parameters (the tensors of the param groups), looked up once
+        self._W = [sp.linear.weight for sp in self._layers]
+        self._b = [sp.linear.bias if sp.bias else None for sp in self._layers]
+        # rounding of a stored update, ||fl(W - sQ)|| <= (1 + 3u k)(||W|| + s||Q||) with k = 1
+        # (q = 1, inf: entrywise relative errors scale column / row sums) or sqrt(min(r, c))
+        # (q = 2: ||E||_2 <= ||E||_F <= u ||W'||_F <= u sqrt(rank) ||W'||_2)
+        self._round_k = [math.sqrt(min(r, c)) if self.q == 2.0 else 1.0 for r, c in self._dims]
+        # q = 1, inf: <G, Q> >= N (1 - gamma_{r+c}) (float64 summation of the exact maxima)
+        self._sign_ip = [1.0 - gamma_n(r + c + 1, torch.float64) for r, c in self._dims]
+        # q = 1 greedy screening of the large layers (see _greedy_sign): (dtype, factor) cache
+        self._screen_fac = [(None, None)] * len(self._layers)
+        self._screened = [self.q == 1.0 and len(self._layers) > 1 and W.numel() > SIGN_INDEX_NUMEL
+                          for W in self._W]
         if capture == "auto" and self.q == 2.0 and method == "auto":
             for i, spec in enumerate(self._layers):
                 self._hooks.append(spec.linear.register_forward_hook(self._make_hook(i)))
@@ -178,9 +215,7 @@ class DSGD(torch.optim.Optimizer):
         for i, c in enumerate(extra.get("norm_cache", [])):
             if c is None or i >= len(self._layers):
                 continue
-            lin = self._layers[i].linear
-            vers = (lin.weight._version, lin.bias._version if self._layers[i].bias else 0)
-            self._norm_cache[i] = (float(c[0]), vers[0], vers[1], int(c[1]))
+            self._norm_cache[i] = (float(c[0]), *self._versions(i), int(c[1]))
         if extra.get("generator") is not None and self._gen is not None:
             self._gen.set_state(extra["generator"])
 
@@ -269,46 +304,45 @@ class DSGD(torch.optim.Optimizer):
             val = float(cols.max())
             if b is not None:
                 val = max(val, float(b.abs().sum(dtype=torch.float64)))
-            return val * (1.0 + gamma(r + 1, torch.float64))
+            return val * (1.0 + gamma_n(r + 1, torch.float64))
         if self.q == math.inf:
             rows = W.abs().sum(dim=1, dtype=torch.float64)
             if b is not None:
                 rows = rows + b.abs().to(torch.float64)
-            return float(rows.max()) * (1.0 + gamma(c + 1, torch.float64))
+            return float(rows.max()) * (1.0 + gamma_n(c + 1, torch.float64))
         M = layer_matrix(spec)
         # sqrt(lambda_max) of a float64 Gram matrix; eigvalsh is backward stable with error
         # ~ n u ||Gram||, covered by the relative slack below
         return spectral_norm(M) * (1.0 + 4 * (min(r, c) + 1) * u)
 
+    def _versions(self, i: int) -> tuple[int, int]:
+        b = self._b[i]
+        return self._W[i]._version, (0 if b is None else b._version)
+
     def _norm_bound(self, i: int) -> float:
-        spec = self._layers[i]
-        lin = spec.linear
-        vers = (lin.weight._version, lin.bias._version if spec.bias else 0)
-        cached = self._norm_cache[i]
-        exact_each_step = self.q != 2.0  # q = 1, inf: one cheap reduction
-        if cached is not None and not exact_each_step and cached[1:3] == vers and cached[3] < self.norm_refresh:
-            return cached[0]
-        val = self._exact_norm(spec)
-        self._norm_cache[i] = (val, vers[0], vers[1], 0)
+        """Certified upper bound on ||[W_i | b_i]||_q: the cached one while the parameters are
+        unchanged since our last update (tensor version counters) and fewer than
+        ``norm_refresh`` increments were added, else exact (:meth:`_exact_norm`)."""
+        c = self._norm_cache[i]
+        b = self._b[i]
+        if (c is not None and c[1] == self._W[i]._version and c[2] == (0 if b is None else b._version)
+                and c[3] < self.norm_refresh):
+            return c[0]
+        val = self._exact_norm(self._layers[i])
+        self._norm_cache[i] = (val, *self._versions(i), 0)
         return val
 
     def _after_update(self, i: int, step_norm: float) -> None:
         """Certified increment ||W - s Q|| <= ||W|| + s ||Q|| (+ rounding of the stored result)."""
-        cached = self._norm_cache[i]
-        spec = self._layers[i]
-        lin = spec.linear
-        vers = (lin.weight._version, lin.bias._version if spec.bias else 0)
-        if cached is None:
-            return
-        r, c = lin.weight.shape[0], lin.weight.shape[1] + (1 if spec.bias else 0)
-        u = unit_roundoff(lin.weight.dtype)
-        fac = 1.0 + 3 * u * (math.sqrt(min(r, c)) if self.q == 2.0 else 1.0)
-        self._norm_cache[i] = ((cached[0] + step_norm) * fac, vers[0], vers[1], cached[3] + 1)
+        c = self._norm_cache[i]
+        if c is not None:
+            fac = 1.0 + 3.0 * _unit_roundoff(self._W[i].dtype) * self._round_k[i]
+            self._norm_cache[i] = ((c[0] + step_norm) * fac, *self._versions(i), c[3] + 1)
 
     def layer_bounds(self) -> list[float]:
         """p_i(w) of F Prop. 4.3 at the current weights (F eq. 23), from certified norm bounds."""
-        norms = [0.0] + [self._norm_bound(i) for i in range(1, len(self._layers))]
-        return layer_bounds_from_norms(self._layers, norms, self.q, self.data_bound)
+        nb = self._norm_bound
+        return self._consts.p([0.0] + [nb(i) for i in range(1, len(self._W))])
 
     def check_data(self, x, z=None, *, rescale: bool = False):
         """F Assumption 4.1 (ii) for this optimizer's ``data_bound`` (see ``bounds.check_data``)."""
@@ -317,35 +351,21 @@ class DSGD(torch.optim.Optimizer):
     # ----------------------------------------------------------------------------------------
     # per-layer dual norms and directions
     def _grads(self, i: int):
-        spec = self._layers[i]
-        lin = spec.linear
-        GW = lin.weight.grad
-        if GW is None:
-            GW = torch.zeros_like(lin.weight)
-        gb = None
-        if spec.bias:
-            gb = lin.bias.grad
-            if gb is None:
-                gb = torch.zeros_like(lin.bias)
-        return GW.detach(), (gb.detach() if gb is not None else None)
+        """(G_W, g_b) of layer i, detached; a missing gradient counts as zero."""
+        W, b = self._W[i], self._b[i]
+        GW = W.grad
+        GW = torch.zeros_like(W) if GW is None else GW.detach()
+        if b is None:
+            return GW, None
+        gb = b.grad
+        return GW, (torch.zeros_like(b) if gb is None else gb.detach())
 
     def _prepare(self, i: int, cache: dict):
         """Dual norm ||g_i||_* (F eq. 26) and what the direction needs, cached per step."""
         if i in cache:
             return cache[i]
         GW, gb = self._grads(i)
-        if self.q == 1.0:  # columns of [W | b]: sum_j max_i |G_ij|
-            N = float(GW.abs().amax(dim=0).sum(dtype=torch.float64))
-            if gb is not None:
-                N += float(gb.abs().max())
-            info = ("sign", N, None, None, GW, gb)
-        elif self.q == math.inf:  # rows of [W | b]: sum_i max_j |G_ij|
-            vals = GW.abs().amax(dim=1)
-            if gb is not None:
-                vals = torch.maximum(vals, gb.abs())
-            N = float(vals.sum(dtype=torch.float64))
-            info = ("sign", N, None, None, GW, gb)
-        elif self.method == "svd":
+        if self.method == "svd":
             G = layer_matrix(self._layers[i], grad=True).to(torch.float64)
             rho, N = duality_map(G, 2, method="svd")
             info = ("svd", N, rho, None, GW, gb)
@@ -364,39 +384,22 @@ class DSGD(torch.optim.Optimizer):
         cache[i] = info
         return info
 
+    def _abs_buffer(self, i: int) -> torch.Tensor | None:
+        """Layer i's persistent buffer for |G_W| when the layer is large (None otherwise; see
+        :mod:`smoothchain.dsgd.sign`)."""
+        W = self._W[i]
+        if W.numel() <= SIGN_INDEX_NUMEL:
+            return None
+        buf = self._abs_bufs.get(i)
+        if buf is None or buf.dtype != W.dtype:
+            buf = self._abs_bufs[i] = torch.empty(W.shape, dtype=W.dtype)
+        return buf
+
     def _direction(self, i: int, info):
         """(update function, ip, bound): the step s * Q is applied by ``update(s)``."""
         kind, N, a, b, GW, gb = info
         spec = self._layers[i]
         lin = spec.linear
-        if kind == "sign":
-            ip = N * (1.0 - gamma(GW.shape[0] + GW.shape[1] + 2, torch.float64))
-            if self.q == 1.0:  # F eq. (27): sign at the first arg max of each column
-                vals, idx = GW.abs().max(dim=0)
-                cols = torch.arange(GW.shape[1])
-                sgn = torch.where(GW[idx, cols] >= 0, 1.0, -1.0).to(GW.dtype)
-                bi = int(gb.abs().argmax()) if gb is not None else None
-
-                def update(s):
-                    lin.weight.index_put_((idx, cols), -s * sgn, accumulate=True)
-                    if bi is not None:
-                        lin.bias[bi] -= s * (1.0 if float(gb[bi]) >= 0 else -1.0)
-            else:  # F eq. (29): sign at the first arg max of each row (the bias column last)
-                vals, idx = GW.abs().max(dim=1)
-                rows = torch.arange(GW.shape[0])
-                wsgn = torch.where(GW[rows, idx] >= 0, 1.0, -1.0).to(GW.dtype)
-                use_b = None
-                if gb is not None:
-                    use_b = gb.abs() > vals
-                    bsgn = torch.where(gb >= 0, 1.0, -1.0).to(GW.dtype)
-                    wsgn = torch.where(use_b, torch.zeros_like(wsgn), wsgn)
-                    bsgn = torch.where(use_b, bsgn, torch.zeros_like(bsgn))
-
-                def update(s):
-                    lin.weight.index_put_((rows, idx), -s * wsgn, accumulate=True)
-                    if use_b is not None:
-                        lin.bias.add_(bsgn, alpha=-s)
-            return update, ip, 1.0
         if kind == "svd":
             rho = a  # F eq. (28), float64; Q = rho / N
             if N <= 0:
@@ -404,7 +407,7 @@ class DSGD(torch.optim.Optimizer):
             Q = rho / N
             bound = spectral_norm(Q) * (1.0 + 8 * unit_roundoff(torch.float64) * (min(Q.shape) + 1))
             G = layer_matrix(spec, grad=True).to(torch.float64)
-            ip = float((G * Q).sum()) * (1.0 - gamma(G.numel(), torch.float64))
+            ip = float((G * Q).sum()) * (1.0 - gamma_n(G.numel(), torch.float64))
             Qw = Q.to(GW.dtype)
 
             def update(s):
@@ -464,10 +467,58 @@ class DSGD(torch.optim.Optimizer):
                 upper[i] = fro * math.sqrt(min(r, c)) * (1.0 + 1e-12) / p[i]
         return [i for i in range(len(self._layers)) if i not in upper or upper[i] >= best]
 
+    def _greedy_sign(self, p: list[float], duals: list) -> int:
+        """i* = argmax_i ||g_i||_* / p_i (first maximiser), q = 1 / inf (F Algo. 4.1 line 9).
+
+        q = 1 screening: the column maxima of a large gradient are a strided reduction, the
+        slowest pass of the step, so a large layer is first bounded by Cauchy-Schwarz over its c
+        columns, ||G||_{1,*} = sum_j max_i |G_ij| <= sum_j ||G_:j||_2 <= sqrt(c) ||G||_F, from one
+        dot product (rounding: ||G||_F^2 <= fl(G . G) / (1 - gamma_n)).  A layer whose bound / p_i
+        is below another layer's exact ratio cannot be the arg max and is skipped."""
+        best, best_i = -1.0, 0
+        screened = self._screened
+        K = len(screened)
+        for i in range(K):
+            if not screened[i]:
+                r = self._sign_dual(i, duals).norm / p[i]
+                if r > best:
+                    best, best_i = r, i
+        for i in range(K):
+            if not screened[i]:
+                continue
+            GW, gb = self._grads(i)
+            v = GW.reshape(-1)
+            sq = torch.dot(v, v)
+            if gb is not None:
+                sq = sq + torch.dot(gb, gb)
+            if math.sqrt(float(sq)) * self._screen_factor(i, GW.dtype) / p[i] < best:
+                continue
+            r = self._sign_dual(i, duals).norm / p[i]
+            if r > best or (r == best and i < best_i):
+                best, best_i = r, i
+        return best_i
+
+    def _screen_factor(self, i: int, dtype: torch.dtype) -> float:
+        """sqrt(c / (1 - gamma_n)) (1 + 1e-12) for layer i's n = r c entries in ``dtype``, so that
+        ||G||_{1,*} <= factor * sqrt(fl(G . G)); inf where gamma_n is useless (>= 1)."""
+        cached_dtype, fac = self._screen_fac[i]
+        if cached_dtype is not dtype:
+            r, c = self._dims[i]
+            g = gamma_n(r * c, dtype)
+            fac = math.sqrt(c / (1.0 - g)) * (1.0 + 1e-12) if g < 1.0 else math.inf
+            self._screen_fac[i] = (dtype, fac)
+        return fac
+
+    def _sign_dual(self, i: int, duals: list):
+        """||g_i||_* for q = 1 / inf (:func:`smoothchain.dsgd.sign.sign_dual`), stored in duals."""
+        GW, gb = self._grads(i)
+        d = duals[i] = sign_dual(GW, gb, self.q, dense_max=SIGN_INDEX_NUMEL)
+        return d
+
     def _choose(self, p: list[float], K: int, cache: dict) -> list[int]:
         if self.variant == "greedy":
             candidates = list(range(K))
-            if self.q == 2.0 and self.method != "svd" and K > 1:
+            if K > 1 and self.method != "svd":
                 candidates = self._screen(p, cache)
             if len(candidates) == 1:
                 return candidates
@@ -477,11 +528,8 @@ class DSGD(torch.optim.Optimizer):
             return list(range(K))
         if self.variant == "random":
             return [int(torch.randint(K, (1,), generator=self._gen).item())]
-        state = self.state[self._layers[0].linear.weight]
-        t = state.get("dsgd_step", 0)
-        return [t % K]
+        return [self.state[self._W[0]].get("dsgd_step", 0) % K]
 
-    @torch.no_grad()
     def step(self, closure=None):
         """One step of F Algo. 4.1; ``closure`` (optional) re-evaluates the objective, calls
         ``backward()`` and returns the loss, which ``step`` returns."""
@@ -489,34 +537,82 @@ class DSGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            _check_lr(group["lr"])
-        K = len(self._layers)
+        prev = torch.is_grad_enabled()
+        _set_grad_enabled(False)  # what torch.no_grad() does, without its per-call objects
+        try:
+            self._step()
+        finally:
+            _set_grad_enabled(prev)
+        return loss
+
+    def _step(self) -> None:
+        groups = self.param_groups
+        for group in groups:
+            lr = group["lr"]
+            if type(lr) is not float or not 0.0 < lr < math.inf:
+                _check_lr(lr)
         p = self.layer_bounds()
+        if self.q == 2.0:
+            chosen, norms, certified = self._step_polar(p, groups)
+        else:
+            chosen, norms, certified = self._step_sign(p, groups)
+        state = self.state[self._W[0]]
+        state["dsgd_step"] = state.get("dsgd_step", 0) + 1
+        if self._hooks:
+            self._clear_records()
+        self.last_layers = [i + 1 for i in chosen]
+        self.last_p = p
+        self.last_dual_norms = norms
+        self.last_certified = certified
+
+    def _step_sign(self, p: list[float], groups):
+        """q = 1 / inf: F Algo. 4.1 with the sign duality maps of F eqs. (27) / (29), for which
+        ||Q||_q = 1 and <g_i, Q> = ||g_i||_*: the certified step ip / (p_i^2 * 1^2) is F's
+        1 / p_i^2 (times ||g_i||_*, as rho = ||g_i||_* Q) up to the float64 summation error."""
+        K = len(self._W)
+        duals: list = [None] * K
+        if self.variant == "greedy":
+            chosen = [self._greedy_sign(p, duals)]
+        else:
+            chosen = self._choose(p, K, {})
+        certified: list[float | None] = [None] * K
+        eps, q = self.theory_step, self.q
+        for i in chosen:
+            d = duals[i] if duals[i] is not None else self._sign_dual(i, duals)
+            ip = d.norm * self._sign_ip[i]
+            if not ip > 0.0:
+                certified[i] = 0.0
+                continue
+            scale = groups[i]["lr"] * eps * ip
+            if self.bound_scaling:
+                scale /= p[i] * p[i]
+            apply_sign_step(self._W[i], self._b[i], d, q, scale, buf=self._abs_buffer(i))
+            certified[i] = ip
+            self._after_update(i, scale)
+        return chosen, [None if d is None else d.norm for d in duals], certified
+
+    def _step_polar(self, p: list[float], groups):
+        """q = 2: the polar-factor direction of F eq. (28), certified as in
+        :mod:`smoothchain.dsgd.lowrank` (or by an SVD with ``method="svd"``)."""
+        K = len(self._layers)
         cache: dict = {}
         self._fac_cache = {}
         chosen = self._choose(p, K, cache)
         certified: list[float | None] = [None] * K
+        eps = self.theory_step
         for i in chosen:
-            info = self._prepare(i, cache)
+            info = cache[i] if i in cache else self._prepare(i, cache)
             update, ip, bound = self._direction(i, info)
             if update is None or not ip > 0.0:
                 certified[i] = 0.0
                 continue
-            scale = self.param_groups[i]["lr"] * self.theory_step * ip / bound**2
+            scale = groups[i]["lr"] * eps * ip / (bound * bound)
             if self.bound_scaling:
-                scale /= p[i] ** 2
+                scale /= p[i] * p[i]
             update(scale)
             certified[i] = ip / bound
             self._after_update(i, scale * bound)
-        state = self.state[self._layers[0].linear.weight]
-        state["dsgd_step"] = state.get("dsgd_step", 0) + 1
-        self._clear_records()
-        self.last_layers = [i + 1 for i in chosen]
-        self.last_p = p
-        self.last_dual_norms = [cache[i][1] if i in cache else None for i in range(K)]
-        self.last_certified = certified
-        return loss
+        return chosen, [cache[i][1] if i in cache else None for i in range(K)], certified
 
 
 def _check_lr(lr) -> None:
