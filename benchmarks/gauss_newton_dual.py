@@ -20,7 +20,6 @@ Usage: ``python benchmarks/gauss_newton_dual.py [--batch 8] [--classes 4] [--hid
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 
 import torch
@@ -29,6 +28,8 @@ from torch import nn
 from smoothchain.oracles import gauss_newton_step
 
 from newton_depth import best_time, rel_diff, slope
+
+from _report import emit  # benchmarks/_report.py (the script directory is on sys.path)
 
 
 def mlp(d_in: int, hidden: int, classes: int, seed: int) -> nn.Sequential:
@@ -82,12 +83,7 @@ def main(argv=None) -> dict:
         "max_rel_diff_dual_vs_dense": max(diffs),
         "torch": torch.__version__, "machine": platform.machine(),
     }
-    line = json.dumps(doc)
-    print(line)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(line + "\n")
-    return doc
+    return emit(doc, args.out)
 
 
 if __name__ == "__main__":

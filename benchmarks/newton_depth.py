@@ -22,7 +22,6 @@ Usage: ``python benchmarks/newton_depth.py [--width 16] [--batch 4] [--depths 2,
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import time
@@ -31,6 +30,8 @@ import torch
 from torch import nn
 
 from smoothchain.oracles import newton_step
+
+from _report import emit  # benchmarks/_report.py (the script directory is on sys.path)
 
 
 def chain(depth: int, width: int, seed: int) -> nn.Sequential:
@@ -135,12 +136,7 @@ def main(argv=None) -> dict:
                        "dp_10x_faster_at_max_depth": speedup[-1] >= 10.0},
         "torch": torch.__version__, "machine": platform.machine(),
     }
-    line = json.dumps(doc)
-    print(line)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(line + "\n")
-    return doc
+    return emit(doc, args.out)
 
 
 if __name__ == "__main__":

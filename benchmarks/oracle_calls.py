@@ -19,7 +19,6 @@ Usage: ``python benchmarks/oracle_calls.py [--batch 8]``.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 
 import torch
@@ -29,6 +28,8 @@ from smoothchain.oracles import gauss_newton_step, gradient_step, newton_step
 from smoothchain.torch_chain import torch_module
 
 from newton_depth import best_time
+
+from _report import emit  # benchmarks/_report.py (the script directory is on sys.path)
 
 STEPS = [("gradient", "dp", gradient_step), ("gradient", "dense", gradient_step),
          ("gauss-newton", "dual", gauss_newton_step), ("gauss-newton", "dp", gauss_newton_step),
@@ -86,12 +87,7 @@ def main(argv=None) -> dict:
         "gauss_newton_dual_within_2q_plus_1": all(r["oracle_calls"] <= 2 * r["q"] + 1 for r in gn),
         "torch": torch.__version__, "machine": platform.machine(),
     }
-    line = json.dumps(doc)
-    print(line)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(line + "\n")
-    return doc
+    return emit(doc, args.out)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .chain import ChainError
+from .cli_types import integer, real
 from .models import BUILTIN_MODELS
 from .objective import LOSSES, MODES
 
@@ -36,33 +37,9 @@ class CLIError(Exception):
     """Bad command-line input: printed as one line, exit status 2."""
 
 
-def _nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if math.isnan(value):
-        raise argparse.ArgumentTypeError("NaN is not allowed")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value:g}")
-    return value
-
-
-def _pos_float(text: str) -> float:
-    value = _nonneg_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
-
-
-def _pos_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+_nonneg_float = real(0.0)
+_pos_float = real(0.0, strict=True)
+_pos_int = integer(1)
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:

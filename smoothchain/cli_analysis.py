@@ -6,10 +6,11 @@ Registered through ``smoothchain.cli.PLUGIN_COMMANDS``; PyTorch is imported insi
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
+
+from .cli_types import integer, real
 
 __all__ = ["register"]
 
@@ -18,37 +19,9 @@ def _num(x):
     return "inf" if isinstance(x, float) and math.isinf(x) else x
 
 
-def _pos_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v > 0 or math.isinf(v):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return v
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v >= 0 or math.isinf(v):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return v
-
-
-def _int(lo: int):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
-        return v
-
-    return parse
+_pos_float = real(0.0, strict=True, finite=True)
+_nonneg_float = real(0.0, finite=True)
+_int = integer
 
 
 def register(sub) -> None:

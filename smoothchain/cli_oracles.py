@@ -8,36 +8,16 @@ Registered through ``smoothchain.cli.PLUGIN_COMMANDS``; PyTorch is imported insi
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
+
+from .cli_types import integer, real
 
 __all__ = ["register", "format_report"]
 
 MODELS = ("mlp", "cnn")
 
 
-def _pos_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
-def _float(lo_open: bool):
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(v) or v < 0 or (lo_open and v == 0):
-            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if lo_open else '>='} 0, got {text}")
-        return v
-
-    return parse
+_pos_int = integer(1)
 
 
 def register(sub) -> None:
@@ -50,8 +30,8 @@ def register(sub) -> None:
     p.add_argument("--input-shape", metavar="C,H,W|D", help="per-example input shape (default: the model's)")
     p.add_argument("--batch-size", type=_pos_int, default=4, metavar="M", help="batch size m (default 4)")
     p.add_argument("--loss", choices=("cross-entropy", "square"), default="cross-entropy")
-    p.add_argument("--l2", type=_float(False), default=0.0, metavar="LAMBDA", help="r(w) = LAMBDA/2 ||w||^2")
-    p.add_argument("--gamma", type=_float(True), default=1.0, help="step size of the oracle steps (default 1)")
+    p.add_argument("--l2", type=real(0.0, finite=True), default=0.0, metavar="LAMBDA", help="r(w) = LAMBDA/2 ||w||^2")
+    p.add_argument("--gamma", type=real(0.0, strict=True, finite=True), default=1.0, help="step size of the oracle steps (default 1)")
     p.add_argument("--no-steps", action="store_true", help="per-layer costs only (skip the oracle steps)")
     p.add_argument("--seed", type=int, default=0, help="seed of the built-in weights and of the random batch")
     p.add_argument("--json", action="store_true", help="print one JSON document")

@@ -73,7 +73,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .oracles import gradient_step
 from .oracles.autodiff import OracleCounter, make_loss
 from .oracles.dual import gauss_newton_dual
-from .oracles.lq import ChainLayer, assemble_lq, solve_lq, split_layers
+from .oracles.lq import assemble_lq, solve_lq, split_layers
 
 __all__ = ["LayerCost", "FlopCount", "layer_costs", "riccati_flops", "step_costs",
            "complexity_report"]

@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vjp
+from torch.func import functional_call, jvp, vjp
 
 __all__ = [
     "Estimate",

@@ -9,7 +9,6 @@ import torch
 
 from smoothchain.cli import main
 
-torch.set_num_threads(1)
 
 
 def run(capsys, *argv):

@@ -24,7 +24,6 @@ import json
 import pytest
 
 torch = pytest.importorskip("torch")
-from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from smoothchain.cli import main  # noqa: E402
@@ -40,13 +39,6 @@ from smoothchain.torch_chain import torch_module  # noqa: E402
 DT = torch.float64
 M = 3
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def built(name):

@@ -66,14 +66,6 @@ from smoothchain.torch_chain import torch_module  # noqa: E402
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription on small shared machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 MODES = ("paper", "tight")
 REL = 1e-6  # relative slack of the soundness assertions

@@ -10,7 +10,6 @@ independent dense SVD, and the certified quantities it relies on (issue 5 item 4
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest

@@ -31,13 +31,6 @@ from smoothchain.oracles.losses import (  # noqa: E402
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def flat(ts):
     return torch.cat([t.reshape(-1) for t in ts])

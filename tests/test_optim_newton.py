@@ -23,13 +23,6 @@ from smoothchain.oracles import gauss_newton_step, newton_step  # noqa: E402
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def digits_batch():

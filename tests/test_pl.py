@@ -3,7 +3,6 @@ singular values and dense SVDs; the PL constants against the PL inequality itsel
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ from torch.func import grad, jacrev
 from smoothchain.estimators import functional_chain
 from smoothchain.pl import compose_pl, mse_pl_constant, pl_over_ball, smallest_singular_value
 
-torch.set_num_threads(1)
 DT = torch.float64
 
 

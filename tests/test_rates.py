@@ -21,7 +21,6 @@ from smoothchain.rates import (
     sgd_iterations,
 )
 
-torch.set_num_threads(1)
 
 
 # ---------------------------------------------------------------- docs/rates.md, worked examples

@@ -35,7 +35,6 @@ times more.  See docs/soundness.md.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 
@@ -379,7 +378,6 @@ def run_case(case: Case, ascent_steps: int = 2) -> list[str]:
 
 
 def _assert_sound(case: Case) -> None:
-    torch.set_num_threads(1)
     with threadpool_limits(1):  # tiny LAPACK calls: threads only add overhead
         violations = run_case(case)
     assert not violations, f"{case}\n" + "\n".join(violations)
@@ -425,7 +423,6 @@ def test_check_end_to_end(case):
     """The matrix-free path (smoothchain.check with the torch.func estimators) on random chains."""
     from smoothchain.check import check
 
-    torch.set_num_threads(1)
     model = case.build()
     for mode in MODES:
         res = check(model, input_shape=case.input_shape, batch_size=case.batch, radius=case.radius,

@@ -63,14 +63,6 @@ BUILTINS = [("vgg16", 128), ("vgg16-smooth", 128), ("vgg16-bn", 128), ("mlp", 16
 # --------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors only: intra-op threads make them 20x slower on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _rows(cert) -> list[tuple[float, float, float]]:
     """The per-layer table (m_l, l_l, L_l) followed by the chain's row and the objective."""
