@@ -33,6 +33,11 @@ __all__ = ["main", "build_parser"]
 PLUGIN_COMMANDS: tuple[str, ...] = ("cli_analysis", "cli_train", "cli_oracles")
 
 
+#: top-level modules of the "data" extra (pyproject.toml): a command that needs a missing one
+#: fails with a one-line error naming it
+OPTIONAL_DEPENDENCIES = ("sklearn", "scipy", "mnist1d")
+
+
 class CLIError(Exception):
     """Bad command-line input: printed as one line, exit status 2."""
 
@@ -306,6 +311,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ChainError, CLIError) as err:
         print(f"smoothchain: error: {err}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as err:
+        # an optional dependency (scikit-learn, scipy, mnist1d: the "data" extra) is missing
+        if err.name and err.name.split(".")[0] in OPTIONAL_DEPENDENCIES:
+            print(f"smoothchain: error: {err} -- install the optional dependencies with "
+                  f"pip install 'smoothchain[data]'", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

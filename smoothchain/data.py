@@ -271,7 +271,8 @@ def digits(
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("smoothchain.data.digits needs scikit-learn (pip install scikit-learn)") from exc
+        raise ModuleNotFoundError("smoothchain.data.digits needs scikit-learn (pip install scikit-learn)",
+                                  name="sklearn") from exc
     bunch = load_digits()
     images = np.asarray(bunch.images, dtype=np.float64)  # (1797, 8, 8), values 0..16
     labels = np.asarray(bunch.target, dtype=np.int64)
@@ -313,9 +314,9 @@ def mnist1d(
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as exc:
-        raise ImportError(
+        raise ModuleNotFoundError(
             "smoothchain.data.mnist1d needs the 'mnist1d' package (pip install mnist1d), whose local "
-            "generator is used; nothing is downloaded"
+            "generator is used; nothing is downloaded", name="mnist1d"
         ) from exc
     args = get_dataset_args()  # an ObjectView over a fresh dict
     args.num_samples = int(num_samples)
@@ -602,7 +603,7 @@ def _read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         import scipy.io
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("smoothchain.data.svhn needs scipy (pip install scipy)") from exc
+        raise ModuleNotFoundError("smoothchain.data.svhn needs scipy (pip install scipy)", name="scipy") from exc
     try:
         mat = scipy.io.loadmat(str(path))
     except Exception as exc:  # scipy raises many types on bad input

@@ -179,3 +179,13 @@ def test_certify_builtin_does_not_import_torch():
             "main(['certify','--model','vgg16-smooth','--batch-size','128','--json']); "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, cwd=ROOT)
+
+
+def test_missing_optional_dependency_is_one_line_exit_2(monkeypatch, capsys, tmp_path):
+    """Without scikit-learn (the "data" extra) a command on digits fails with one line naming it."""
+    pytest.importorskip("torch")
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn -> ModuleNotFoundError
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    assert main(["train", "--data", "digits", "--steps", "1", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "scikit-learn" in err and "smoothchain[data]" in err
