@@ -171,16 +171,7 @@ def mlp_cases(draw, bn: bool = False) -> Case:
     depth = draw(st.integers(1, 5))
     width = draw(st.integers(1, 4))
     case.input_shape = (width,)
-    for i in range(depth):
-        last = i == depth - 1
-        out = draw(st.integers(2 if last else 1, 4))
-        case.layers.append(("linear", width, out, draw(st.booleans())))
-        width = out
-        if last and draw(st.booleans()):
-            case.layers.append(("softmax",))
-        else:
-            _act_and_bn(draw, case, width, bn, conv=False, last=last)
-    return draw(_common(case, bn))
+    return _linear_tail(draw, case, width, depth, bn, lambda i, width: 4)
 
 
 @st.composite
@@ -214,9 +205,16 @@ def cnn_cases(draw, bn: bool = False) -> Case:
     case.layers.append(("flatten",))
     width = c * h * h
     n_lin = draw(st.integers(0 if width <= 12 else 1, 5 - n_conv))
-    for i in range(n_lin):
-        last = i == n_lin - 1
-        out = draw(st.integers(2 if last else 1, 2 if i == 0 and width > 12 else 3))
+    return _linear_tail(draw, case, width, n_lin, bn, lambda i, width: 2 if i == 0 and width > 12 else 3)
+
+
+def _linear_tail(draw, case: Case, width: int, n: int, bn: bool, widest) -> Case:
+    """``n`` linear layers (output widths up to ``widest(i, width)``; >= 2 for the last), each
+    followed by an activation / batch norm or, for the last, possibly softmax; then the case's
+    common draws."""
+    for i in range(n):
+        last = i == n - 1
+        out = draw(st.integers(2 if last else 1, widest(i, width)))
         case.layers.append(("linear", width, out, draw(st.booleans())))
         width = out
         if last and draw(st.booleans()):

@@ -169,7 +169,7 @@ def test_batch_dsgd_never_increases_loss_on_digits(digits, q):
 
 def test_build_model_is_flynn_section5():
     net = build_model(64, 300, 10, seed=0)
-    params = list(net.parameters())
+    params = [p.detach() for p in net.parameters()]
     assert [tuple(p.shape) for p in params] == [(300, 64), (300,), (10, 300), (10,)]
     assert all(float(p.abs().max()) <= 1.0 for p in params)
     assert float(params[0].min()) < -0.95 and float(params[0].max()) > 0.95
