@@ -43,6 +43,7 @@ from .components import (
 __all__ = [
     "REGISTRY",
     "register_module",
+    "sequential_leaves",
     "UnsupportedModuleError",
     "ModuleChain",
     "components_from_module",
@@ -176,6 +177,16 @@ def _lookup(module: nn.Module) -> Converter | None:
         if klass in REGISTRY:
             return REGISTRY[klass]
     return None
+
+
+def sequential_leaves(module: nn.Module):
+    """The modules of a (nested) ``nn.Sequential`` in application order, nested Sequentials
+    expanded; any other module is a leaf (the chains of the oracles and of DSGD)."""
+    if isinstance(module, nn.Sequential):
+        for child in module:
+            yield from sequential_leaves(child)
+    else:
+        yield module
 
 
 def leaf_modules(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:

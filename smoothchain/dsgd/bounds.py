@@ -48,6 +48,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..torch_chain import sequential_leaves
 from .norms import check_q, matrix_norm
 
 __all__ = [
@@ -99,14 +100,6 @@ class LayerSpec:
     bias: bool
 
 
-def _leaves(model: nn.Module):
-    if isinstance(model, nn.Sequential):
-        for child in model:
-            yield from _leaves(child)
-    else:
-        yield model
-
-
 def _activation_constants(mod: nn.Module) -> ActivationConstants | None:
     for typ in type(mod).__mro__:
         if typ in ACTIVATIONS:
@@ -126,7 +119,7 @@ def parse_model(model: nn.Module) -> list[LayerSpec]:
         raise ValueError(
             f"DSGD needs an nn.Sequential of nn.Linear layers each followed by a bounded "
             f"activation (F Sec. 4), got {type(model).__name__}")
-    leaves = list(_leaves(model))
+    leaves = list(sequential_leaves(model))
     layers: list[LayerSpec] = []
     pending: nn.Linear | None = None
     for pos, mod in enumerate(leaves):

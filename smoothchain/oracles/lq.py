@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..torch_chain import sequential_leaves
 from .autodiff import OracleCounter, loss_grad, loss_hessian
 
 __all__ = [
@@ -114,21 +115,13 @@ class ChainLayers:
         return [t for layer, vl in zip(self.layers, v) for t in layer.unflatten(vl)]
 
 
-def _leaves(module: nn.Module):
-    if isinstance(module, nn.Sequential):
-        for child in module:
-            yield from _leaves(child)
-    else:
-        yield module
-
-
 def split_layers(model: nn.Module) -> ChainLayers:
     """Group an ``nn.Sequential`` into RH layers (see the module docstring)."""
     if not isinstance(model, nn.Sequential):
         raise TypeError(f"the DP oracles need an nn.Sequential chain, got {type(model).__name__}")
     pre: list[nn.Module] = []
     groups: list[list[nn.Module]] = []
-    for mod in _leaves(model):
+    for mod in sequential_leaves(model):
         if any(True for _ in mod.parameters()):
             groups.append([mod])
         elif groups:
