@@ -7,7 +7,7 @@ PyTorch is imported only when a ``torch.nn.Module`` is converted.
 
 from .chain import BilinearConstants, Chain, ChainError, ComponentConstants, Layer
 from .components import Custom
-from .certify import Certificate, build_chain, certify, certify_chain
+from .certificate import Certificate, build_chain, certify, certify_chain
 from .objective import LossConstants, ObjectiveBounds, loss_constants, objective_bounds
 from .recursion import ChainBounds, LayerBound, chain_bounds, composite_bounds, generic_chain_bounds
 from .spec import load_spec, parse_spec, spec_to_dict

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp
 
-from .certify import Certificate, certify
+from .certificate import Certificate, certify
 from .chain import ChainError
 from .estimators import (
     flat_parameters,

@@ -134,7 +134,7 @@ def load_module(ref: str):
 
 
 def _certificate(args):
-    from .certify import build_chain, certify_chain, parse_input_shape
+    from .certificate import build_chain, certify_chain, parse_input_shape
     from .chain import Chain
     from .objective import loss_constants
     from .recursion import chain_bounds
@@ -230,7 +230,7 @@ def _cmd_certify(args) -> int:
 
 
 def _cmd_check(args) -> int:
-    from .certify import parse_input_shape
+    from .certificate import parse_input_shape
     from .check import check, plot_check
 
     if args.spec:

@@ -137,7 +137,7 @@ def _cmd_pl(args) -> int:
         model = load_module(args.module).double()
         shape = getattr(model, "input_shape", None)
         if args.input_shape:
-            from .certify import parse_input_shape
+            from .certificate import parse_input_shape
 
             shape = parse_input_shape(args.input_shape)
         if shape is None:

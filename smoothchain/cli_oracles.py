@@ -92,7 +92,7 @@ def format_report(doc: dict) -> str:
 
 
 def _cmd_complexity(args) -> int:
-    from .certify import parse_input_shape
+    from .certificate import parse_input_shape
     from .cli import CLIError, load_module
     from .complexity import complexity_report
 

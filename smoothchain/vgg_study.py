@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .certify import certify
+from .certificate import certify
 
 __all__ = ["StudyRow", "Claim", "VGGStudy", "run_vgg_study", "write_vgg_study"]
 

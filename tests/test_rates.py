@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from smoothchain.certify import certify
+from smoothchain import certify
 from smoothchain.rates import (
     gd_iterations,
     gradient_noise,

@@ -47,7 +47,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.func import hessian, jacfwd, jacrev, jvp
 
-from smoothchain.certify import certify
+from smoothchain import certify
 from smoothchain.check import _ascent, _random_point, layer_blocks
 from smoothchain.estimators import flat_parameters, functional_chain, objective
 from smoothchain.torch_chain import EntryBatchNorm, leaf_modules
