@@ -18,7 +18,8 @@ from .objective import LossConstants, ObjectiveBounds, loss_constants, objective
 from .recursion import ChainBounds, chain_bounds
 from .spec import json_number
 
-__all__ = ["Certificate", "certify", "certify_chain", "build_chain", "parse_input_shape"]
+__all__ = ["Certificate", "certify", "certify_chain", "certify_source", "build_chain", "parse_input_shape",
+           "seeded_module"]
 
 
 @dataclass(frozen=True)
@@ -214,3 +215,94 @@ def certify(
         chain, loss_c, l2=l2, epsilon=epsilon, gap=gap, mode=mode, loss_name=loss, batch_size=batch_size, model=str(name),
         bounds=bounds,
     )
+
+
+def seeded_module(model: Any, *, seed: int = 0, bn_eps: float = 1e-5):
+    """The ``nn.Sequential`` of a built-in model (a name or :class:`BuiltinModel`) or of a
+    component list, with PyTorch's default initialisation drawn from
+    ``torch.Generator().manual_seed(seed)``.
+
+    The weights are those that seeding PyTorch's global generator with ``seed`` and then
+    constructing the module gives (the same draws in the same order), but the global random
+    state is left alone.
+    """
+    import torch
+    from torch import nn
+
+    from .torch_chain import torch_module
+
+    if isinstance(model, str):
+        model = builtin(model, bn_eps=bn_eps)
+    components, names = (model.components, model.names) if isinstance(model, BuiltinModel) else (list(model), None)
+    with torch.device("meta"):  # no draws from the global generator
+        module = torch_module(components, names)
+    module = module.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        for sub in module.modules():
+            if isinstance(sub, (nn.Linear, nn.modules.conv._ConvNd)):  # their reset_parameters()
+                nn.init.kaiming_uniform_(sub.weight, a=math.sqrt(5), generator=gen)
+                if sub.bias is not None:
+                    fan_in, _ = nn.init._calculate_fan_in_and_fan_out(sub.weight)
+                    bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+                    nn.init.uniform_(sub.bias, -bound, bound, generator=gen)
+            elif next(sub.parameters(recurse=False), None) is not None or next(sub.buffers(recurse=False), None) is not None:
+                raise ChainError(f"no seeded initialisation for {type(sub).__name__}")
+    return module
+
+
+def certify_source(
+    model: Any = None,
+    *,
+    spec: Any = None,
+    name: str | None = None,
+    seed: int = 0,
+    input_shape: Sequence[int] | None = None,
+    batch_size: int = 1,
+    radius: float | None = None,
+    input_norm: float | None = None,
+    loss: str = "cross-entropy",
+    mode: str = "paper",
+    l2: float | None = None,
+    epsilon: float = 1e-2,
+    gap: float | None = None,
+    target_norm: float = 1.0,
+    around_weights: bool = False,
+    bn_eps: float = 1e-5,
+) -> Certificate:
+    """Certify a model or a spec, as ``smoothchain certify --model/--module/--spec`` does.
+
+    Exactly one of ``model`` (anything :func:`certify` takes) and ``spec`` (a spec file or a
+    loaded :class:`~smoothchain.spec.Spec`, DESIGN.md).  ``None`` for ``radius``,
+    ``input_norm`` and ``l2`` means the spec's values, or 1, 1 and 0 for a model.  A spec fixes
+    the loss constants: ``batch_size``, ``loss``, ``mode``, ``input_shape`` and ``target_norm``
+    are ignored and the certificate's mode is ``"spec"``.  A built-in model with
+    ``around_weights`` gets the weights of :func:`seeded_module` (``seed``).  ``input_shape``
+    may be text (:func:`parse_input_shape`).  ``name`` is the certificate's model name
+    (default: the built-in's name, the spec's path, or as :func:`certify`).  PyTorch is
+    imported only for modules and ``around_weights``.
+    """
+    from dataclasses import replace
+
+    from .spec import Spec, load_spec
+
+    if (model is None) == (spec is None):
+        raise ChainError("certify_source needs exactly one of a model and a spec")
+    if spec is not None:
+        s = spec if isinstance(spec, Spec) else load_spec(spec)
+        chain = build_chain(s.chain, radius=s.chain.radius if radius is None else radius,
+                            input_norm=s.chain.input_norm if input_norm is None else input_norm,
+                            around_weights=around_weights)
+        return certify_chain(chain, s.loss, l2=s.regularization_smoothness if l2 is None else l2, epsilon=epsilon,
+                             gap=gap, mode="spec", loss_name="spec", model=str(spec) if name is None else name)
+    input_shape = parse_input_shape(input_shape) if input_shape else None
+    if isinstance(model, str):
+        name = model if name is None else name
+        model = builtin(model, bn_eps=bn_eps)
+    if around_weights and isinstance(model, BuiltinModel):
+        input_shape = input_shape or model.input_shape
+        model = seeded_module(model, seed=seed)
+    cert = certify(model, input_shape=input_shape, batch_size=batch_size, radius=1.0 if radius is None else radius,
+                   input_norm=1.0 if input_norm is None else input_norm, loss=loss, mode=mode, l2=l2 or 0.0,
+                   epsilon=epsilon, around_weights=around_weights, target_norm=target_norm, gap=gap, bn_eps=bn_eps)
+    return cert if name is None else replace(cert, model=str(name))

@@ -28,6 +28,7 @@ from torch.func import grad, jvp
 from .certificate import Certificate, certify
 from .chain import ChainError
 from .estimators import (
+    ESTIMATOR_LOSSES,
     flat_parameters,
     functional_chain,
     hessian_top_eig,
@@ -248,8 +249,8 @@ def check(
     above ``certified * (1 + tolerance)``.
     """
     say = progress or (lambda s: None)
-    if loss not in ("cross-entropy", "square"):
-        raise ChainError(f"check supports the losses cross-entropy and square, got {loss!r}")
+    if loss not in ESTIMATOR_LOSSES:
+        raise ChainError(f"check supports the losses {', '.join(ESTIMATOR_LOSSES)}, got {loss!r}")
     if points < 1:
         raise ChainError(f"--points must be >= 1, got {points}")
     cert = certify(
@@ -343,14 +344,10 @@ def check(
 
 def plot_check(result: CheckResult, path) -> None:
     """Log-scale bars of certified vs estimated m, l, L per layer and the objective smoothness."""
-    import os
+    from .report import new_figure, save_figure
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 4, figsize=(16, 4))
+    fig = new_figure(figsize=(16, 4))
+    axes = fig.subplots(1, 4)
     titles = {"output_bound": "output bound m_l", "lipschitz": "Lipschitz l_l", "smoothness": "smoothness L_l"}
     for ax, k in zip(axes, QUANTITIES):
         names = [r.name for r in result.layers]
@@ -374,7 +371,4 @@ def plot_check(result: CheckResult, path) -> None:
     axes[3].set_title("objective smoothness")
     fig.suptitle(f"certified vs estimated ({result.certificate.mode} constants)")
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=110)

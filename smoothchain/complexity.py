@@ -67,18 +67,18 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 from torch.func import functional_call
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.module_tracker import ModuleTracker
 
 from .oracles import gradient_step
-from .oracles.autodiff import OracleCounter, make_loss
+from .losses import loss_function
+from .oracles.autodiff import OracleCounter
 from .oracles.dual import gauss_newton_dual
 from .oracles.lq import assemble_lq, solve_lq, split_layers
 
 __all__ = ["LayerCost", "FlopCount", "layer_costs", "riccati_flops", "step_costs",
            "complexity_report"]
 
-FLOP_REGISTRY = FlopCounterMode().flop_registry
 _RESHAPES = (nn.Flatten, nn.Unflatten, nn.Identity)
 
 
@@ -104,26 +104,46 @@ class LayerCost:
     measured_backward: int
 
 
-class FlopCount(TorchDispatchMode):
-    """Total FLOPs by FlopCounterMode's per-operator formulas (``torch.utils.flop_counter``).
+class _NoModuleTracking(ModuleTracker):
+    """A :class:`~torch.utils.module_tracker.ModuleTracker` that installs no hooks: its
+    ``parents`` stay ``{"Global"}``, so a FlopCounterMode using it keeps global totals only."""
 
-    FlopCounterMode itself also installs a module tracker whose global autograd hooks fail
-    inside ``torch.func.vjp`` closures ("A leaf node was passed to _will_engine_execute_node"),
-    so the oracles are measured with this mode, which applies the same registry of formulas to
-    the same dispatched operators and keeps totals only (``tests/test_complexity.py`` checks it
-    against FlopCounterMode on plain autograd)."""
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return None
+
+
+class FlopCount:
+    """Total FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode`` (its dispatch mode and
+    per-operator formulas), without its per-module breakdown.
+
+    FlopCounterMode's default module tracker registers gradient hooks on every module input that
+    requires grad, and these fail under ``torch.autograd.grad`` when that input is a leaf -- as
+    inside the ``torch.func.vjp`` closures of the oracles ("A leaf node was passed to
+    _will_engine_execute_node", pytorch/pytorch#131753).  Only the hierarchy needs the tracker, so
+    the mode here gets one that tracks nothing (its public ``mod_tracker``); the totals are the
+    mode's own.  ``tests/test_complexity.py`` checks them against a stock FlopCounterMode on plain
+    autograd.  ``total`` is the running total (also after the ``with`` block)."""
 
     def __init__(self):
-        super().__init__()
-        self.total = 0
+        self._mode = FlopCounterMode(display=False)
+        if not isinstance(getattr(self._mode, "mod_tracker", None), ModuleTracker):
+            raise RuntimeError("this torch's FlopCounterMode has no ModuleTracker `mod_tracker`; "
+                               "smoothchain.complexity.FlopCount needs one to replace")
+        self._mode.mod_tracker = _NoModuleTracking()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        formula = FLOP_REGISTRY.get(func._overloadpacket)
-        if formula is not None:
-            self.total += int(formula(*args, **kwargs, out_val=out))
-        return out
+    @property
+    def total(self) -> int:
+        return int(self._mode.get_total_flops())
+
+    def __enter__(self) -> "FlopCount":
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
 
 
 def _flops(fn) -> tuple[int, object]:
@@ -230,7 +250,7 @@ def step_costs(model: nn.Module, x: torch.Tensor, y, *, loss: str, layers: list[
     grad_measured, _ = _flops(lambda: gradient_step(model, x, y, loss=loss, l2=l2, gamma=gamma))
     # gauss_newton_step(method="dual") is gauss_newton_dual; called directly for its counter
     counter = OracleCounter()
-    f = make_loss(loss, y, x)
+    f = loss_function(loss, y, x)
     gn_measured, _ = _flops(lambda: gauss_newton_dual(model, x, f, l2, gamma, counter))
     gn_pred = fwd + counter.backward_calls * bwd_chain + counter.linearize_calls * jvp
 

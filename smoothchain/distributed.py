@@ -32,19 +32,21 @@ def in_torchrun() -> bool:
 
 
 def _import_lazy_torch_modules() -> None:
-    """Import ``torch._dynamo`` *before* the process group exists.
+    """Do, *before* the process group exists, the lazy imports that ``torch.optim`` performs.
 
-    ``torch.optim.Optimizer`` imports ``torch._dynamo`` lazily, and some of the ~800 modules
-    that pulls in evaluate ``dist.group.WORLD`` at import time (e.g. as default arguments).
-    Imported after ``init_process_group`` they keep ~10 references to the process group, so
-    ``destroy_process_group`` cannot free it: gloo's worker threads survive until interpreter
-    finalisation, and one of them releasing a tensor then needs the GIL of a finalising
-    interpreter -> "terminate called without an active exception" (SIGABRT) at exit.
-    Imported first, they see ``WORLD = None`` and hold nothing."""
-    try:
-        import torch._dynamo  # noqa: F401
-    except Exception:  # pragma: no cover - optional in minimal torch builds
-        pass
+    Constructing a ``torch.optim.Optimizer`` imports ``torch._dynamo`` lazily, and some of the
+    ~800 modules that pulls in evaluate ``dist.group.WORLD`` at import time (e.g. as default
+    arguments).  Imported after ``init_process_group`` they keep ~10 references to the process
+    group, so ``destroy_process_group`` cannot free it: gloo's worker threads survive until
+    interpreter finalisation, and one of them releasing a tensor then needs the GIL of a
+    finalising interpreter -> "terminate called without an active exception" (SIGABRT) at exit.
+    Imported first, they see ``WORLD = None`` and hold nothing.  The imports are triggered
+    through the public API only: a throwaway optimizer, built and stepped once."""
+    p = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([p], lr=0.0)
+    opt.zero_grad()
+    p.grad = torch.zeros(1)
+    opt.step()
 
 
 @dataclass

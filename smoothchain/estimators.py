@@ -39,7 +39,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp
 
+from .losses import loss_function, loss_names
+
 __all__ = [
+    "ESTIMATOR_LOSSES",
     "Estimate",
     "flat_parameters",
     "functional_chain",
@@ -54,7 +57,8 @@ __all__ = [
 Psi = Callable[[Tensor], Tensor]
 Scalar = Callable[[Tensor], Tensor]
 
-_LOSSES = ("cross-entropy", "square")
+#: the losses the estimators (and ``check``) take: the certified ones reading targets
+ESTIMATOR_LOSSES = loss_names(certified=True, reads=("targets",))
 
 
 @dataclass(frozen=True)
@@ -184,28 +188,13 @@ def objective(model: nn.Module, x: Tensor, y: Tensor, loss: str = "cross-entropy
     ||model(x)_i - y_i||^2 (1/2 ||.||^2 averaged over the batch, ``y`` of the output's shape or
     size), as in DESIGN.md "Oracles".  Get the current weights with :func:`flat_parameters`.
     """
-    if loss not in _LOSSES:
-        raise ValueError(f"loss must be one of {_LOSSES}, got {loss!r}")
+    f = loss_function(loss, y, x, among=ESTIMATOR_LOSSES)
     if not math.isfinite(l2) or l2 < 0:
         raise ValueError(f"l2 must be a finite number >= 0, got {l2!r}")
-    forward, w0 = _functional_forward(model, x)
-    y = y.detach()
-    target = None
-    if loss == "cross-entropy" and not y.is_floating_point():
-        # one-hot rows built once, outside F (no data-dependent op inside F, so F can be traced)
-        with torch.no_grad():
-            k = forward(w0).shape[-1]
-        target = nn.functional.one_hot(y, k).to(w0.dtype)
+    forward, _ = _functional_forward(model, x)
 
     def F(w: Tensor) -> Tensor:
-        out = forward(w)
-        if loss == "cross-entropy":
-            # -sum(target * log_softmax) / m, written out: torch.func's jvp-of-grad of
-            # nn.functional.cross_entropy goes through slow Python decompositions.
-            t = y if target is None else target.to(out.dtype)
-            value = -(t * torch.log_softmax(out, dim=-1)).sum() / out.shape[0]
-        else:
-            value = 0.5 * (out - y.reshape(out.shape)).pow(2).sum() / out.shape[0]
+        value = f(forward(w))
         if l2:
             value = value + 0.5 * l2 * w.pow(2).sum()
         return value

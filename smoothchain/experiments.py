@@ -22,13 +22,15 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+from .report import fmt_number, new_figure, save_figure
+
 __all__ = ["dsgd_experiment", "prop21", "GRID"]
 
 GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
 
 
 def _q_label(q) -> str:
-    return "inf" if q == math.inf else str(int(q))
+    return fmt_number(float(q), ".0f")
 
 
 def dsgd_experiment(data: str = "digits", *, out: str | Path = "dsgd-experiment", hidden: int = 300,
@@ -109,10 +111,9 @@ def dsgd_experiment(data: str = "digits", *, out: str | Path = "dsgd-experiment"
     return results
 
 
-def _fmt(x, pct=True):
-    if x is None:
-        return "-"
-    return f"{100 * x:.2f} %" if pct else f"{x:.4g}"
+def _fmt(x) -> str:
+    """A rate as a percentage."""
+    return fmt_number(x, ".2f", scale=100, suffix=" %")
 
 
 def _report(r: dict) -> str:
@@ -196,12 +197,8 @@ def prop21(out: str | Path | None = None, *, eps_max: float = 1000.0, points: in
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        fig = new_figure(figsize=(5.5, 3.8))
+        ax = fig.subplots()
         ax.plot(epss, [r["hessian_norm"] for r in rows], label="||Hessian of E||_2 (unbounded)")
         ax.plot(epss, [r["block_norms"][0] for r in rows], label="||H_11|| (layer 1 block)")
         ax.plot(epss, [r["p_squared"][0] for r in rows], "--", label="p_1(w)^2 (DSGD bound, layer 1)")
@@ -211,8 +208,7 @@ def prop21(out: str | Path | None = None, *, eps_max: float = 1000.0, points: in
         ax.set_xlabel("eps along F's curve w(eps)")
         ax.legend(fontsize=7, loc="upper right")
         fig.tight_layout()
-        fig.savefig(out / "prop21.png", dpi=90)
-        plt.close(fig)
+        save_figure(fig, out / "prop21.png", dpi=90)
         res["figures"] = [str(out / "prop21.png")]
         (out / "prop21.json").write_text(json.dumps(res, indent=2) + "\n")
     return res

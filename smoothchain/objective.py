@@ -10,21 +10,13 @@ import math
 from dataclasses import dataclass
 
 from .chain import ChainError, _mul
+from .losses import MODES, LossConstants, loss_names, rh_loss_constants
 from .recursion import ChainBounds
 
 __all__ = ["LossConstants", "ObjectiveBounds", "loss_constants", "objective_bounds", "LOSSES", "MODES"]
 
-LOSSES = ("cross-entropy", "square", "autoencoder", "convex-clustering")
-MODES = ("paper", "tight")
-
-
-@dataclass(frozen=True)
-class LossConstants:
-    """l_f and L_f of the loss f on the chain's output set (RH Appendix B.1/B.2)."""
-
-    lipschitz: float
-    smoothness: float
-    name: str = ""
+#: the losses the certificate knows the constants of (rows of :data:`smoothchain.losses.LOSSES`)
+LOSSES = loss_names(certified=True)
 
 
 def loss_constants(
@@ -36,51 +28,11 @@ def loss_constants(
     target_norm: float = 1.0,
     input_norm: float = 1.0,
 ) -> LossConstants:
-    """Constants of the batch loss f(yhat) = (1/n) sum_i f_i(yhat_i), n = ``batch_size``.
-
-    ``paper`` (RH App. B.1, using l_f <= max_i l_{f_i}, L_f <= max_i L_{f_i}):
-
-    * cross-entropy (logistic loss on one-hot labels): l = 2, L = 2;
-    * square, f_i = ||yhat_i - y_i||^2 / 2 with ||y_i|| <= rho_Y (``target_norm``):
-      l = rho_C + rho_Y with rho_C = ``output_bound`` (m_psi bounds every ||yhat_i||), L = 1;
-    * autoencoder, the square loss with targets the inputs: rho_Y = ``input_norm``;
-    * convex-clustering (RH Prop. B.1): l = n(n-1)/2, L = 1 (raised to sqrt(2) for n = 2, where
-      the printed value is below the attained sup).
-
-    ``tight`` (proofs in docs/tight-constants.md) keeps the 1/n of the batch mean, since
-    grad f = (1/n)(grad f_i)_i and grad^2 f = (1/n) blockdiag(grad^2 f_i):
-
-    * cross-entropy: ||softmax(yhat_i) - y_i|| <= sqrt(2) and grad^2 f_i = diag(p) - p p^T has norm
-      <= 1/2, so l = sqrt(2/n), L = 1/(2n);
-    * square/autoencoder: ||grad f|| = ||Yhat - Y||_F / n <= (rho_C + sqrt(n) rho_Y)/n, L = 1/n;
-    * convex-clustering: grad f = D^T u with ||u_ij|| <= 1 and ||D||^2 = n, so l = n sqrt((n-1)/2)
-      (attained by a far-apart regular simplex), L = 1.
-    """
-    if mode not in MODES:
-        raise ChainError(f"unknown constants mode {mode!r}; choose one of {', '.join(MODES)}")
-    if batch_size < 1:
-        raise ChainError(f"batch size must be >= 1, got {batch_size}")
-    n = float(batch_size)
-    if loss == "cross-entropy":
-        if mode == "paper":
-            return LossConstants(2.0, 2.0, loss)
-        return LossConstants(math.sqrt(2.0 / n), 1.0 / (2.0 * n), loss)
-    if loss in ("square", "autoencoder"):
-        rho_y = target_norm if loss == "square" else input_norm
-        if rho_y < 0 or math.isnan(rho_y):
-            raise ChainError(f"target norm must be >= 0, got {rho_y}")
-        if mode == "paper":
-            return LossConstants(output_bound + rho_y, 1.0, loss)
-        return LossConstants((output_bound + math.sqrt(n) * rho_y) / n, 1.0 / n, loss)
-    if loss == "convex-clustering":
-        # grad f = D^T u with ||u_ij|| <= 1 and ||D||^2 = n (pair-difference operator), so
-        # ||grad f|| <= sqrt(n) sqrt(n(n-1)/2), attained by a far-apart regular simplex.
-        exact = n * math.sqrt((n - 1) / 2.0)
-        # RH Prop. B.1 prints n(n-1)/2, below the attained sup when n = 2: paper mode keeps the
-        # printed value only where it is sound (docs/tight-constants.md).
-        lip = exact if mode == "tight" else max(n * (n - 1) / 2, exact)
-        return LossConstants(lip, 1.0, loss)
-    raise ChainError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    """RH's (l_f, L_f) of the batch loss (RH App. B.1/B.2), from the loss table
+    (:func:`smoothchain.losses.rh_loss_constants`, where each loss's constants and their proofs
+    sit next to its value)."""
+    return rh_loss_constants(loss, batch_size=batch_size, output_bound=output_bound, mode=mode,
+                             target_norm=target_norm, input_norm=input_norm)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,11 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vjp
 
+from .losses import get_loss, loss_names
+
+#: "mse" (the lecture's name of the squared error) and "square": the square losses reading targets
+_PL_LOSSES = ("mse",) + loss_names(square=True, reads=("targets",))
+
 __all__ = [
     "SigmaMin",
     "PLConstant",
@@ -53,7 +58,6 @@ __all__ = [
     "NeighbourhoodPL",
 ]
 
-_LOSSES = ("mse", "square")
 
 
 @dataclass(frozen=True)
@@ -169,13 +173,13 @@ def mse_pl_constant(sigma_min: float, samples: int, loss: str = "mse") -> PLCons
     lecture's printed value), mu = 2 eps^2 / N.  ``loss="square"``: L = 1/(2N) sum ||.||^2 ->
     gradient_dominance = 2 eps^2 / N, mu = eps^2 / N.
     """
-    if loss not in _LOSSES:
-        raise ValueError(f"loss must be one of {_LOSSES}, got {loss!r}")
+    scale = get_loss(loss, among=_PL_LOSSES).square_scale
     if int(samples) != samples or samples < 1:
         raise ValueError(f"samples must be a positive integer, got {samples!r}")
     if not (sigma_min >= 0 and math.isfinite(sigma_min)):
         raise ValueError(f"sigma_min must be a finite number >= 0, got {sigma_min!r}")
-    c = (4.0 if loss == "mse" else 2.0) * sigma_min**2 / samples
+    # ||grad L||^2 = (2s/N)^2 ||J^T r||^2 >= (2s/N)^2 eps^2 ||r||^2 = (4 s eps^2 / N) L
+    c = 4.0 * scale * sigma_min**2 / samples
     return PLConstant(c / 2.0, c, float(sigma_min), int(samples), loss)
 
 

@@ -15,12 +15,15 @@ squared Euclidean error against one-hot targets, no 1/2) with one of
 ``OUT/metrics.jsonl``: ``step``, ``loss`` (the step's batch objective before the step), ``layers``
 (layers updated, 1-based, for layer-wise optimizers), ``counts`` (cumulative updates per layer);
 evaluation steps add ``train_loss``, ``train_error``, ``test_accuracy``.  Checkpoints
-(``OUT/checkpoint.pt``: model, optimizer, RNG states, step, the metrics so far) are written
+(``OUT/checkpoint.pt``: model, optimizer ``state_dict`` -- DSGD's includes its "random"
+generator --, the mini-batch generator's state, step, the metrics so far) are written
 atomically (temporary file + ``os.replace``) every ``checkpoint_every`` steps and at the end;
 ``resume=True`` restarts from it and first rewrites ``metrics.jsonl`` from the checkpoint's
 metrics, so a run killed at any moment continues with no metric lost or duplicated.  The end of
 a run writes ``training_error.png``, ``test_accuracy.png`` and ``layer_updates.png``
-(F Figs. 2-4 and 3/6) and ``summary.json``.
+(F Figs. 2-4 and 3/6) and ``summary.json``.  All randomness (initial weights, mini-batches, DSGD's
+"random" layers) comes from explicit generators seeded from ``seed``: torch's global generator
+is neither seeded nor drawn from.
 
 Distributed (``distributed=True`` or under ``torchrun``): see :mod:`smoothchain.distributed`.
 """
@@ -32,14 +35,19 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
-__all__ = ["TrainConfig", "train", "build_model", "make_optimizer", "evaluate", "objective",
+from .losses import squared_error
+from .report import atomic_write_with, fmt_number, new_figure, save_figure
+from .spec import json_number
+
+__all__ = ["TrainConfig", "train", "build_model", "make_optimizer", "evaluate",
            "OPTIMIZERS", "LAYERWISE", "plot_metrics", "load_data", "Progress"]
 
 OPTIMIZERS = ("dsgd", "dsgd-all", "random", "sequential", "sgd-norm", "sgd", "gd",
@@ -95,16 +103,14 @@ def _check_assumption_41(x_tr, z_tr, x_te, z_te, cfg):
     return x_tr, z_tr, x_te, z_te
 
 
-def objective(out: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """F eqs. (21)-(22): batch mean of ||out - z||_2^2 (no 1/2)."""
-    return (out - z).pow(2).reshape(out.shape[0], -1).sum(dim=1).mean()
-
-
 def build_model(n_in: int, hidden: int, n_out: int, *, seed: int = 0,
                 dtype: torch.dtype = torch.float32) -> nn.Sequential:
-    """F Sec. 5: n_in -> hidden (sigmoid) -> n_out (sigmoid), weights and biases ~ U[-1, 1]."""
+    """F Sec. 5: n_in -> hidden (sigmoid) -> n_out (sigmoid), weights and biases ~ U[-1, 1]
+    drawn from a generator seeded with ``seed`` (torch's global generator is not used: the layers
+    are allocated by ``torch.nn.utils.skip_init``, without their default initialisation)."""
     g = torch.Generator().manual_seed(int(seed))
-    net = nn.Sequential(nn.Linear(n_in, hidden), nn.Sigmoid(), nn.Linear(hidden, n_out), nn.Sigmoid())
+    net = nn.Sequential(skip_init(nn.Linear, n_in, hidden), nn.Sigmoid(),
+                        skip_init(nn.Linear, hidden, n_out), nn.Sigmoid())
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.rand(p.shape, generator=g, dtype=torch.float64) * 2 - 1)
@@ -152,7 +158,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, z: torch.Tensor, labels: torch.T
     """Objective (F eq. 21), classification error and accuracy (arg max of the outputs)."""
     out = model(x)
     acc = float((out.argmax(dim=1) == labels).to(torch.float64).mean())
-    return {"loss": float(objective(out, z)), "error": 1.0 - acc, "accuracy": acc}
+    return {"loss": float(squared_error(out, z)), "error": 1.0 - acc, "accuracy": acc}
 
 
 class Progress:
@@ -188,12 +194,6 @@ class Progress:
             self._last = None
 
 
-def _atomic_write_bytes(path: Path, writer: Callable[[str], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    writer(str(tmp))
-    os.replace(tmp, path)
-
-
 def _rewrite_metrics(path: Path, metrics: list[dict]) -> None:
     def w(tmp):
         with open(tmp, "w") as fh:
@@ -202,11 +202,7 @@ def _rewrite_metrics(path: Path, metrics: list[dict]) -> None:
             fh.flush()
             os.fsync(fh.fileno())
 
-    _atomic_write_bytes(path, w)
-
-
-def _rng_state(gen: torch.Generator) -> dict:
-    return {"batch": gen.get_state(), "torch": torch.get_rng_state()}
+    atomic_write_with(path, w, fixed_tmp=True)
 
 
 def train(cfg: TrainConfig, *, data=None, progress: bool = True,
@@ -233,13 +229,54 @@ def train(cfg: TrainConfig, *, data=None, progress: bool = True,
             own.close()
 
 
-def _train(cfg: TrainConfig, *, data, progress: bool, stop_after: int | None, ctx,
-           metrics_out: dict | None) -> dict:
+@dataclass
+class _Data:
+    """A run's data in its dtype: flattened inputs and targets of both splits (and the labels in
+    ``ds``), checked against F Assumption 4.1 (ii) for the optimizers that need it."""
+
+    ds: Any
+    x_tr: torch.Tensor
+    z_tr: torch.Tensor
+    x_te: torch.Tensor
+    z_te: torch.Tensor
+
+
+@dataclass
+class _Run:
+    """What a run carries from step to step -- and what a checkpoint saves and restores."""
+
+    cfg: TrainConfig
+    ctx: Any                      # smoothchain.distributed.Context
+    model: nn.Module
+    opt: Any
+    gen: torch.Generator          # the mini-batch sampler's (the only randomness of a run)
+    lr: float
+    out: Path | None
+    start: int = 0                # the last step done (checkpoint's step when resumed)
+    metrics: list[dict] = field(default_factory=list)
+    counts: list[int] = field(default_factory=lambda: [0, 0])  # updates per layer (K = 2)
+
+    @property
+    def is_main(self) -> bool:
+        return self.ctx.rank == 0
+
+    @property
+    def ckpt_path(self) -> Path | None:
+        return self.out / "checkpoint.pt" if self.out else None
+
+    @property
+    def metrics_path(self) -> Path | None:
+        return self.out / "metrics.jsonl" if self.out else None
+
+
+def _check_config(cfg: TrainConfig) -> None:
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
     if cfg.steps < 0 or cfg.batch_size < 0 or cfg.checkpoint_every < 1 or cfg.eval_every < 1:
         raise ValueError("steps and batch_size must be >= 0, checkpoint_every and eval_every >= 1")
-    dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
+
+
+def _training_data(cfg: TrainConfig, data, dtype: torch.dtype) -> _Data:
     ds = data if data is not None else load_data(cfg.data, limit=cfg.limit, dtype=dtype)
     x_tr = ds.x_train.reshape(ds.x_train.shape[0], -1).to(dtype)
     z_tr = ds.y_train.to(dtype)
@@ -250,103 +287,154 @@ def _train(cfg: TrainConfig, *, data, progress: bool, stop_after: int | None, ct
     n = x_tr.shape[0]
     if cfg.batch_size > n:
         raise ValueError(f"batch_size {cfg.batch_size} exceeds the {n} training examples")
-    if ctx.world_size > 1:
-        if cfg.optimizer in ("gauss-newton", "newton"):
-            raise ValueError(f"{cfg.optimizer} does not support distributed training")
+    return _Data(ds, x_tr, z_tr, x_te, z_te)
+
+
+def _setup(cfg: TrainConfig, ctx, d: _Data, dtype: torch.dtype) -> _Run:
+    """Model, optimizer and batch generator of a fresh run, all seeded from ``cfg.seed`` by
+    explicit generators (torch's global generator is neither seeded nor used)."""
+    if ctx.world_size > 1 and cfg.optimizer in ("gauss-newton", "newton"):
+        raise ValueError(f"{cfg.optimizer} does not support distributed training")
     lr = cfg.resolved_lr()
-    torch.manual_seed(cfg.seed)
-    model = build_model(x_tr.shape[1], cfg.hidden, z_tr.shape[1], seed=cfg.seed, dtype=dtype)
+    model = build_model(d.x_tr.shape[1], cfg.hidden, d.z_tr.shape[1], seed=cfg.seed, dtype=dtype)
     opt = make_optimizer(cfg.optimizer, model, cfg.q, lr, batch_size=cfg.batch_size, seed=cfg.seed,
                          capture="none" if ctx.world_size > 1 else "auto")
-    K = 2
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    out = Path(cfg.out) if cfg.out else None
-    is_main = ctx.rank == 0
-    metrics: list[dict] = []
-    counts = [0] * K
-    start = 0
-    ckpt_path = out / "checkpoint.pt" if out else None
-    metrics_path = out / "metrics.jsonl" if out else None
-    if out and is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    batch_seed = cfg.seed + 1  # the mini-batch sampler's own generator
+    gen = torch.Generator().manual_seed(batch_seed)
+    run = _Run(cfg, ctx, model, opt, gen, lr, Path(cfg.out) if cfg.out else None)
+    if run.out and run.is_main:
+        run.out.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def _load_checkpoint(run: _Run) -> None:
+    """Restore ``run`` from OUT/checkpoint.pt: weights, then the optimizer through its
+    ``load_state_dict`` (for DSGD also its weight-norm bounds and "random" generator), the batch
+    generator, the step, the metrics and the layer counts."""
+    path, cfg = run.ckpt_path, run.cfg
+    if not path or not path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    ck = torch.load(path, weights_only=False)
+    if ck["config"]["optimizer"] != cfg.optimizer or ck["config"]["q"] != cfg.q:
+        raise ValueError(f"--resume: checkpoint {path} is for optimizer "
+                         f"{ck['config']['optimizer']} q={ck['config']['q']}")
+    run.model.load_state_dict(ck["model"])
+    run.opt.load_state_dict(ck["optimizer"])
+    run.gen.set_state(ck["rng"]["batch"])
+    run.start, run.metrics, run.counts = ck["step"], ck["metrics"], ck["counts"]
+
+
+def _save_checkpoint(run: _Run, step: int) -> None:
+    """OUT/checkpoint.pt (rank 0 only), written atomically."""
+    if not (run.out and run.is_main):
+        return
+    ck = {"config": asdict(run.cfg), "model": run.model.state_dict(),
+          "optimizer": run.opt.state_dict(), "rng": {"batch": run.gen.get_state()},
+          "step": step, "metrics": run.metrics, "counts": run.counts}
+    atomic_write_with(run.ckpt_path, lambda tmp: torch.save(ck, tmp), fixed_tmp=True)
+
+
+def _batch(run: _Run, d: _Data) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The step's batch (the full training set, or a mini-batch drawn with the run's generator)
+    -- this rank's shard of it when distributed -- and the weight making the shards' mean
+    objectives average to the global batch's."""
+    cfg, ctx = run.cfg, run.ctx
+    if cfg.batch_size:
+        idx = torch.randperm(d.x_tr.shape[0], generator=run.gen)[: cfg.batch_size]
+        xb, zb = d.x_tr[idx], d.z_tr[idx]
+    else:
+        xb, zb = d.x_tr, d.z_tr
+    weight = 1.0
+    if ctx.world_size > 1:  # each rank its shard of the global batch
+        n_global = xb.shape[0]
+        xb, zb = ctx.shard(xb), ctx.shard(zb)
+        weight = xb.shape[0] * ctx.world_size / n_global  # unequal shards: exact mean
+    return xb, zb, weight
+
+
+def _train_step(run: _Run, xb: torch.Tensor, zb: torch.Tensor, weight: float) -> float:
+    """One optimizer step on the batch; returns F's objective (eq. 21) on it before the step."""
+    model, opt, ctx = run.model, run.opt, run.ctx
+    if run.cfg.optimizer in ("gauss-newton", "newton"):
+        # the same column as the other optimizers: F's objective (eq. 21, no 1/2) on the
+        # batch at the weights before the step (the optimizer's own value is 1/(2m) sum)
+        with torch.no_grad():
+            loss = float(squared_error(model(xb), zb))
+        opt.step(lambda: (xb, zb))
+        return loss
+
+    def closure():
+        opt.zero_grad()
+        val = squared_error(model(xb), zb) * weight
+        val.backward()
+        if ctx.world_size > 1:
+            ctx.average_gradients(model)
+        return val
+
+    loss = float(opt.step(closure).detach())
+    if ctx.world_size > 1:
+        loss = ctx.average_scalar(loss)
+    return loss
+
+
+def _record(run: _Run, d: _Data, t: int, loss: float) -> dict:
+    """Step t's metrics record (appended to ``run.metrics``): loss, layers updated, cumulative
+    counts and, at evaluation steps, training loss / error and test accuracy."""
+    cfg, ctx = run.cfg, run.ctx
+    layers = list(getattr(run.opt, "last_layers", [])) if cfg.optimizer in LAYERWISE else []
+    if ctx.world_size > 1 and layers:
+        ctx.check_same(layers)
+    for i in layers:
+        run.counts[i - 1] += 1
+    rec = {"step": t, "loss": loss, "layers": layers, "counts": list(run.counts)}
+    if t % cfg.eval_every == 0 or t == cfg.steps or t == 1:
+        tr = evaluate(run.model, d.x_tr, d.z_tr, d.ds.labels_train)
+        te = evaluate(run.model, d.x_te, d.z_te, d.ds.labels_test)
+        rec.update(train_loss=tr["loss"], train_error=tr["error"], test_accuracy=te["accuracy"])
+    run.metrics.append(rec)
+    return rec
+
+
+def _finish(run: _Run, d: _Data, final_step: int) -> dict:
+    """The run's summary; rank 0 with an OUT directory also writes the figures and summary.json."""
+    cfg, metrics, out = run.cfg, run.metrics, run.out
+    evals = [m for m in metrics if "train_error" in m]
+    summary = {
+        "optimizer": cfg.optimizer, "q": json_number(cfg.q), "lr": run.lr,
+        "data": getattr(d.ds, "name", cfg.data),
+        "hidden": cfg.hidden, "batch_size": cfg.batch_size, "steps": final_step,
+        "world_size": run.ctx.world_size,
+        "final": evals[-1] if evals else None, "counts": run.counts,
+        "diverged": bool(metrics and not math.isfinite(metrics[-1]["loss"])),
+        "out": str(out) if out else None, "figures": [],
+    }
+    if out and run.is_main:
+        if cfg.plots:
+            summary["figures"] = plot_metrics({cfg.optimizer: metrics}, out, layerwise=cfg.optimizer in LAYERWISE)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _train(cfg: TrainConfig, *, data, progress: bool, stop_after: int | None, ctx,
+           metrics_out: dict | None) -> dict:
+    _check_config(cfg)
+    dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
+    d = _training_data(cfg, data, dtype)
+    run = _setup(cfg, ctx, d, dtype)
     if cfg.resume:
-        if not ckpt_path or not ckpt_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        ck = torch.load(ckpt_path, weights_only=False)
-        if ck["config"]["optimizer"] != cfg.optimizer or ck["config"]["q"] != cfg.q:
-            raise ValueError(f"--resume: checkpoint {ckpt_path} is for optimizer "
-                             f"{ck['config']['optimizer']} q={ck['config']['q']}")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        if "dsgd_gen" in ck and getattr(opt, "_gen", None) is not None:
-            opt._gen.set_state(ck["dsgd_gen"])
-        gen.set_state(ck["rng"]["batch"])
-        torch.set_rng_state(ck["rng"]["torch"])
-        start, metrics, counts = ck["step"], ck["metrics"], ck["counts"]
-        if is_main and metrics_path:
-            _rewrite_metrics(metrics_path, metrics)
-    elif out and is_main and metrics_path:
-        _rewrite_metrics(metrics_path, [])
-
-    def save_checkpoint(step: int) -> None:
-        if not (out and is_main):
-            return
-        ck = {"config": asdict(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
-              "rng": _rng_state(gen), "step": step, "metrics": metrics, "counts": counts}
-        if getattr(opt, "_gen", None) is not None:
-            ck["dsgd_gen"] = opt._gen.get_state()
-        _atomic_write_bytes(ckpt_path, lambda tmp: torch.save(ck, tmp))
-
+        _load_checkpoint(run)
+    if run.is_main and run.metrics_path:  # the checkpoint's metrics (none for a fresh run)
+        _rewrite_metrics(run.metrics_path, run.metrics)
     if metrics_out is not None:
-        metrics_out["metrics"] = metrics
-    fh = open(metrics_path, "a") if (metrics_path and is_main) else None
-    label = f"{cfg.optimizer} q={_qs(cfg.q)}" if cfg.optimizer in LAYERWISE else cfg.optimizer
-    bar = Progress(cfg.steps, label, enabled=progress and is_main)
-    bar.update(start)
-    newton = cfg.optimizer in ("gauss-newton", "newton")
+        metrics_out["metrics"] = run.metrics
+    fh = open(run.metrics_path, "a") if (run.metrics_path and run.is_main) else None
+    label = f"{cfg.optimizer} q={fmt_number(cfg.q, '')}" if cfg.optimizer in LAYERWISE else cfg.optimizer
+    bar = Progress(cfg.steps, label, enabled=progress and run.is_main)
+    bar.update(run.start)
     try:
-        for t in range(start + 1, cfg.steps + 1):
-            if cfg.batch_size:
-                idx = torch.randperm(n, generator=gen)[: cfg.batch_size]
-            else:
-                idx = None
-            xb = x_tr if idx is None else x_tr[idx]
-            zb = z_tr if idx is None else z_tr[idx]
-            weight = 1.0
-            if ctx.world_size > 1:  # each rank its shard of the global batch
-                n_global = xb.shape[0]
-                xb, zb = ctx.shard(xb), ctx.shard(zb)
-                weight = xb.shape[0] * ctx.world_size / n_global  # unequal shards: exact mean
-            if newton:
-                # the same column as the other optimizers: F's objective (eq. 21, no 1/2) on the
-                # batch at the weights before the step (the optimizer's own value is 1/(2m) sum)
-                with torch.no_grad():
-                    loss = float(objective(model(xb), zb))
-                opt.step(lambda xb=xb, zb=zb: (xb, zb))
-            else:
-                def closure(xb=xb, zb=zb, weight=weight):
-                    opt.zero_grad()
-                    val = objective(model(xb), zb) * weight
-                    val.backward()
-                    if ctx.world_size > 1:
-                        ctx.average_gradients(model)
-                    return val
-
-                loss = float(opt.step(closure).detach())
-                if ctx.world_size > 1:
-                    loss = ctx.average_scalar(loss)
-            layers = list(getattr(opt, "last_layers", [])) if cfg.optimizer in LAYERWISE else []
-            if ctx.world_size > 1 and layers:
-                ctx.check_same(layers)
-            for i in layers:
-                counts[i - 1] += 1
-            rec = {"step": t, "loss": loss, "layers": layers, "counts": list(counts)}
-            if t % cfg.eval_every == 0 or t == cfg.steps or t == 1:
-                tr = evaluate(model, x_tr, z_tr, ds.labels_train)
-                te = evaluate(model, x_te, z_te, ds.labels_test)
-                rec.update(train_loss=tr["loss"], train_error=tr["error"],
-                           test_accuracy=te["accuracy"])
-            metrics.append(rec)
+        for t in range(run.start + 1, cfg.steps + 1):
+            loss = _train_step(run, *_batch(run, d))
+            rec = _record(run, d, t, loss)
             if fh:
                 fh.write(json.dumps(rec) + "\n")
                 fh.flush()
@@ -357,45 +445,24 @@ def _train(cfg: TrainConfig, *, data, progress: bool, stop_after: int | None, ct
             if stop_after is not None and t >= stop_after:
                 return {"stopped_at": t}
             if t % cfg.checkpoint_every == 0:
-                save_checkpoint(t)
+                _save_checkpoint(run, t)
     finally:
         bar.close()
         if fh:
             fh.close()
-    final_step = metrics[-1]["step"] if metrics else start
-    save_checkpoint(final_step)
-    evals = [m for m in metrics if "train_error" in m]
-    summary = {
-        "optimizer": cfg.optimizer, "q": _qs(cfg.q), "lr": lr, "data": getattr(ds, "name", cfg.data),
-        "hidden": cfg.hidden, "batch_size": cfg.batch_size, "steps": final_step,
-        "world_size": ctx.world_size,
-        "final": evals[-1] if evals else None, "counts": counts,
-        "diverged": bool(metrics and not math.isfinite(metrics[-1]["loss"])),
-        "out": str(out) if out else None, "figures": [],
-    }
-    if out and is_main:
-        if cfg.plots:
-            summary["figures"] = plot_metrics({cfg.optimizer: metrics}, out, layerwise=cfg.optimizer in LAYERWISE)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
-
-
-def _qs(q) -> str | float:
-    return "inf" if q == math.inf else q
+    final_step = run.metrics[-1]["step"] if run.metrics else run.start
+    _save_checkpoint(run, final_step)
+    return _finish(run, d, final_step)
 
 
 def plot_metrics(runs: dict[str, list[dict]], out: Path, *, layerwise: bool = True,
                  prefix: str = "") -> list[str]:
     """training_error.png, test_accuracy.png and (layer-wise runs) layer_updates.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     files = []
     for key, ylabel, fname in (("train_error", "training error", "training_error.png"),
                                ("test_accuracy", "test accuracy", "test_accuracy.png")):
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        fig = new_figure(figsize=(5, 3.5))
+        ax = fig.subplots()
         for label, ms in runs.items():
             pts = [(m["step"], m[key]) for m in ms if key in m]
             if pts:
@@ -404,12 +471,10 @@ def plot_metrics(runs: dict[str, list[dict]], out: Path, *, layerwise: bool = Tr
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7, loc="upper right")
         fig.tight_layout()
-        path = out / (prefix + fname)
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        files.append(str(path))
+        files.append(str(save_figure(fig, out / (prefix + fname), dpi=90)))
     if layerwise:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        fig = new_figure(figsize=(5, 3.5))
+        ax = fig.subplots()
         for label, ms in runs.items():
             if not ms or not ms[0].get("counts"):
                 continue
@@ -420,8 +485,5 @@ def plot_metrics(runs: dict[str, list[dict]], out: Path, *, layerwise: bool = Tr
         ax.set_ylabel("cumulative updates")
         ax.legend(fontsize=7, loc="upper right")
         fig.tight_layout()
-        path = out / (prefix + "layer_updates.png")
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        files.append(str(path))
+        files.append(str(save_figure(fig, out / (prefix + "layer_updates.png"), dpi=90)))
     return files

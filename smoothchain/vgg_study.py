@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .certificate import certify
+from .report import atomic_write_text, fmt_number, new_figure, save_figure
 
 __all__ = ["StudyRow", "Claim", "VGGStudy", "run_vgg_study", "write_vgg_study"]
 
@@ -104,7 +103,7 @@ def run_vgg_study(*, batch_size: int = 128, radius: float = 1.0, input_norm: flo
 
 
 def _fmt(x: float) -> str:
-    return "inf" if math.isinf(x) else f"{x:.3e}"
+    return fmt_number(x, ".3e")
 
 
 def study_markdown(study: VGGStudy, png_name: str | None = None) -> str:
@@ -138,29 +137,13 @@ def study_markdown(study: VGGStudy, png_name: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def plot_vgg_study(study: VGGStudy, path: Path) -> None:
     """Log-scale grouped bar chart of l and L per variant and mode (infinite bars hatched at the top)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
     modes = ("paper", "tight")
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig = new_figure(figsize=(12, 4.5))
+    axes = fig.subplots(1, 2)
     for ax, attr, title in zip(axes, ("lipschitz", "smoothness"), ("Lipschitz constant l", "Smoothness L")):
         labels = [r.label for r in study.rows if r.mode == "paper"]
         finite = [getattr(r, attr) for r in study.rows if not math.isinf(getattr(r, attr))]
@@ -184,10 +167,7 @@ def plot_vgg_study(study: VGGStudy, path: Path) -> None:
         handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="infinite (not C^1)"))
         ax.legend(handles=handles, fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=120)
 
 
 def write_vgg_study(study: VGGStudy, out_dir: str | Path, *, plot: bool = True) -> dict[str, str]:
@@ -200,10 +180,10 @@ def write_vgg_study(study: VGGStudy, out_dir: str | Path, *, plot: bool = True) 
         plot_vgg_study(study, png)
         files["png"] = str(png)
     md = out / "vgg_study.md"
-    _atomic_write(md, study_markdown(study, png.name if plot else None).encode())
+    atomic_write_text(md, study_markdown(study, png.name if plot else None))
     files["markdown"] = str(md)
     js = out / "vgg_study.json"
-    _atomic_write(js, json.dumps(study_to_dict(study), indent=2).encode())
+    atomic_write_text(js, json.dumps(study_to_dict(study), indent=2))
     files["json"] = str(js)
     return files
 

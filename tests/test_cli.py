@@ -189,3 +189,77 @@ def test_missing_optional_dependency_is_one_line_exit_2(monkeypatch, capsys, tmp
     assert main(["train", "--data", "digits", "--steps", "1", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "scikit-learn" in err and "smoothchain[data]" in err
+
+
+def test_certify_spec_does_not_import_torch():
+    code = ("import sys; from smoothchain.cli import main; "
+            f"main(['certify','--spec',{str(ROOT / 'examples' / 'spec.json')!r},'--json']); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, cwd=ROOT)
+
+
+def test_subcommand_modules_do_not_import_the_cli_entry_point():
+    """No import cycle: subcommand modules import from cli.common / cli.options and the library only."""
+    import ast
+
+    cli_dir = ROOT / "smoothchain" / "cli"
+    for path in cli_dir.glob("*.py"):
+        if path.name in ("__init__.py", "main.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                target = "." * node.level + (node.module or "")
+                names = {a.name for a in node.names}
+                assert target not in (".", ".main", "smoothchain.cli", "smoothchain.cli.main"), (path.name, target)
+                assert not (target in ("..", "smoothchain") and "cli" in names), path.name
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("smoothchain.cli") for a in node.names), path.name
+
+
+def test_around_weights_is_seeded_without_touching_the_global_rng(capsys):
+    torch = pytest.importorskip("torch")
+    from smoothchain.models import builtin
+    from smoothchain.torch_chain import torch_module
+
+    state = torch.get_rng_state()
+    argv = ["certify", "--model", "cnn", "--around-weights", "--batch-size", "2", "--json"]
+    a, b = (run_json(capsys, *argv, "--seed", "3") for _ in range(2))
+    c = run_json(capsys, *argv, "--seed", "4")
+    assert torch.equal(torch.get_rng_state(), state)
+    assert a == b and a["layers"] != c["layers"]
+    spec = builtin("cnn")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)  # the weights are PyTorch's default initialisation after seeding with 3
+        module = torch_module(spec.components, spec.names)
+    ref = certify(module, input_shape=spec.input_shape, batch_size=2, around_weights=True)
+    assert a["chain"]["lipschitz"] == ref.bounds.lipschitz and a["settings"]["model"] == "cnn"
+
+
+def test_seeded_module_is_default_initialisation_from_a_private_generator():
+    torch = pytest.importorskip("torch")
+    from smoothchain.certificate import seeded_module
+    from smoothchain.models import builtin
+    from smoothchain.torch_chain import torch_module
+
+    state = torch.get_rng_state()
+    got = seeded_module("vgg16-bn", seed=5, bn_eps=1e-2).state_dict()
+    assert torch.equal(torch.get_rng_state(), state)
+    spec = builtin("vgg16-bn", bn_eps=1e-2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        ref = torch_module(spec.components, spec.names).state_dict()
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_certify_source_matches_the_command(capsys, tmp_path):
+    from smoothchain.certificate import certify_source
+    from smoothchain.chain import ChainError
+
+    doc = run_json(capsys, "certify", "--model", "mlp", "--batch-size", "3", "--loss", "square", "--l2", "0.5", "--json")
+    assert certify_source("mlp", batch_size=3, loss="square", l2=0.5).to_dict() == doc
+    spec = ROOT / "examples" / "spec.json"
+    doc = run_json(capsys, "certify", "--spec", str(spec), "--radius", "2", "--json")
+    cert = certify_source(spec=spec, radius=2)
+    assert cert.to_dict() == doc and cert.mode == "spec"
+    with pytest.raises(ChainError, match="exactly one"):
+        certify_source("mlp", spec=spec)

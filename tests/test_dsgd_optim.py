@@ -447,3 +447,135 @@ def test_bad_models_and_lr_changed_later():
         opt.step()
     with pytest.raises(ValueError, match="inputs"):
         opt.check_data(torch.full((1, 2), 2.0), torch.zeros(1, 1))
+
+
+# ------------------------------------------------------------------------------------------
+# State: weight-norm bounds, checkpoints, the functional step
+# ------------------------------------------------------------------------------------------
+
+
+def _grad_step(opt, net, x, z):
+    opt.zero_grad()
+    objective(net, x, z).backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("q", QS, ids=QIDS)
+@pytest.mark.parametrize("change", ["weight-mul", "bias-add", "load-state-dict", "none"])
+def test_weights_changed_outside_the_optimizer_give_a_fresh_step(q, change):
+    """The incremental weight-norm bounds hold only for the values the optimizer itself wrote:
+    after every layer is changed elsewhere between steps, the next step (p_i, choice, update) is
+    exactly that of a fresh optimizer on the same weights.  Without a change the increments are
+    in use (p_i differ from a fresh optimizer's), so the comparison is not vacuous."""
+    widths, acts = NETS["tanh-sig-5-3-4-2"]
+    net = make_net(widths, acts, scale=2.0, seed=12)
+    x, z = make_data(widths, m=8, seed=12)  # batch < widths: q = 2 also takes the factored route
+    opt = DSGD(net, q=q, variant="all", lr=0.5, norm_refresh=1000)
+    for _ in range(4):
+        _grad_step(opt, net, x, z)
+    lins = [m for m in net if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        if change == "weight-mul":
+            for lin in lins:
+                lin.weight.mul_(2.0)
+        elif change == "bias-add":
+            for lin in lins:
+                lin.bias.add_(0.25)
+        elif change == "load-state-dict":
+            net.load_state_dict(make_net(widths, acts, scale=2.0, seed=13).state_dict())
+    fresh_net = copy.deepcopy(net)
+    fresh = DSGD(fresh_net, q=q, variant="all", lr=0.5, norm_refresh=1000)
+    _grad_step(opt, net, x, z)
+    _grad_step(fresh, fresh_net, x, z)
+    if change == "none":
+        assert opt.last_p != fresh.last_p and all(a >= b for a, b in zip(opt.last_p, fresh.last_p))
+        return
+    assert opt.last_p == fresh.last_p
+    assert opt.last_layers == fresh.last_layers and opt.last_certified == fresh.last_certified
+    for a, b in zip(net.parameters(), fresh_net.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("q", QS, ids=QIDS)
+def test_one_layer_changed_outside_the_optimizer_gets_an_exact_norm(q):
+    """Changing one layer's weight in place invalidates that layer's norm bound only: it is
+    recomputed from scratch, while the unchanged layer keeps its (valid) incremental bound."""
+    from smoothchain.optim.dsgd import weight_norm_bound
+
+    widths, acts = NETS["tanh-sig-5-3-4-2"]
+    net = make_net(widths, acts, scale=2.0, seed=16)
+    x, z = make_data(widths, m=8, seed=16)
+    opt = DSGD(net, q=q, variant="all", lr=0.5, norm_refresh=1000)
+    for _ in range(4):
+        _grad_step(opt, net, x, z)
+    lins = [m for m in net if isinstance(m, nn.Linear)]
+    incremental = [opt._norm_bound(i) for i in (1, 2)]
+    exact = [weight_norm_bound(lin.weight, lin.bias, float(q)) for lin in lins[1:]]
+    assert all(a > b for a, b in zip(incremental, exact))  # the increments are in use
+    with torch.no_grad():
+        lins[1].weight.mul_(2.0)
+    assert opt._norm_bound(1) == weight_norm_bound(lins[1].weight, lins[1].bias, float(q))
+    assert opt._norm_bound(2) == incremental[1]
+    with torch.no_grad():
+        lins[2].bias[0] += 1.0
+    assert opt._norm_bound(2) == weight_norm_bound(lins[2].weight, lins[2].bias, float(q))
+
+
+@pytest.mark.parametrize("q", QS, ids=QIDS)
+@pytest.mark.parametrize("variant", ["random", "greedy"])
+def test_state_dict_round_trip_continues_bit_identically(q, variant):
+    """model + optimizer state_dict (norm bounds, step counter, the "random" generator) restored
+    into a new optimizer built with another seed: the continuation equals an uninterrupted run."""
+    import io
+
+    widths, acts = NETS["tanh-sig-5-3-4-2"]
+    x, z = make_data(widths, m=16, seed=14)
+
+    def steps(opt, net, n):
+        out = []
+        for _ in range(n):
+            _grad_step(opt, net, x, z)
+            out.append((opt.last_layers, opt.last_p))
+        return out
+
+    net = make_net(widths, acts, scale=2.0, seed=14)
+    opt = DSGD(net, q=q, variant=variant, seed=21, norm_refresh=5)
+    steps(opt, net, 7)
+    buf = io.BytesIO()
+    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buf)
+    ref = steps(opt, net, 9)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=False)
+    net2 = make_net(widths, acts, scale=2.0, seed=99)
+    net2.load_state_dict(ck["model"])
+    opt2 = DSGD(net2, q=q, variant=variant, seed=0, norm_refresh=5)
+    opt2.load_state_dict(ck["opt"])
+    assert steps(opt2, net2, 9) == ref
+    for a, b in zip(net.parameters(), net2.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(opt.state_dict()["dsgd"]["generator"], opt2.state_dict()["dsgd"]["generator"])
+
+
+@pytest.mark.parametrize("q", QS, ids=QIDS)
+def test_functional_update_is_the_optimizer_step(q):
+    """``dsgd_update`` on plain tensors (copies of the weights and gradients) with the optimizer's
+    p_i moves them exactly as ``DSGD.step`` moves the parameters."""
+    from smoothchain.optim.dsgd import dsgd_update
+
+    widths, acts = NETS["tanh-sig-5-3-4-2"]
+    net = make_net(widths, acts, scale=2.0, seed=15)
+    x, z = make_data(widths, seed=15)
+    opt = DSGD(net, q=q, lr=0.8, capture="none")
+    lins = [m for m in net if isinstance(m, nn.Linear)]
+    opt.zero_grad()
+    objective(net, x, z).backward()
+    p = opt.layer_bounds()
+    W = [m.weight.detach().clone() for m in lins]
+    b = [m.bias.detach().clone() for m in lins]
+    res = dsgd_update(W, b, [m.weight.grad.clone() for m in lins], [m.bias.grad.clone() for m in lins],
+                      p, [0.8] * 3, q=q)
+    opt.step()
+    assert [i + 1 for i in res.layers] == opt.last_layers and res.certified == opt.last_certified
+    assert res.dual_norms == opt.last_dual_norms and set(res.step_norms) == set(res.layers)
+    for m, w, bb in zip(lins, W, b):
+        assert torch.equal(m.weight.detach(), w) and torch.equal(m.bias.detach(), bb)

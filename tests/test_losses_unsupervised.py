@@ -1,4 +1,4 @@
-"""Tests of the unsupervised objectives (RH Sec. 2.2.2, App. B.2; smoothchain.oracles.losses).
+"""Tests of the unsupervised objectives (RH Sec. 2.2.2, App. B.2; smoothchain.oracles.clustering).
 
 Convex clustering (eq. (25)) is checked against computations that share nothing with the FISTA
 dual solver: the closed form for two points, a brute force over all partitions of the points
@@ -21,12 +21,8 @@ from scipy.optimize import minimize  # noqa: E402
 from torch import nn  # noqa: E402
 
 from smoothchain.oracles import gauss_newton_step, gradient_step, newton_step  # noqa: E402
-from smoothchain.oracles import autodiff as ad  # noqa: E402
-from smoothchain.oracles.losses import (  # noqa: E402
-    autoencoder_loss,
-    convex_clustering,
-    convex_clustering_prox,
-)
+from smoothchain.losses import loss_function  # noqa: E402
+from smoothchain.oracles.clustering import convex_clustering, convex_clustering_prox  # noqa: E402
 
 DT = torch.float64
 
@@ -221,13 +217,13 @@ def test_autoencoder_is_square_loss_on_inputs():
     model, x = _autoencoder()
     z = model(x)
     ref = 0.5 * ((z - x) ** 2).sum() / 4
-    torch.testing.assert_close(autoencoder_loss(z, x), ref)
-    torch.testing.assert_close(autoencoder_loss(z.reshape(4, 6), x), ref)
-    torch.testing.assert_close(ad.make_loss("autoencoder", None, x)(z), ref)
+    f = loss_function("autoencoder", None, x)
+    torch.testing.assert_close(f(z), ref)
+    torch.testing.assert_close(f(z.reshape(4, 6)), ref)
     with pytest.raises(ValueError, match="as many entries"):
-        autoencoder_loss(z[:, :1], x)
+        f(z[:, :1])
     with pytest.raises(ValueError, match="inputs"):
-        ad.make_loss("autoencoder", None)
+        loss_function("autoencoder", None)
 
 
 @pytest.mark.parametrize("l2", [0.0, 0.05])

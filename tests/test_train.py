@@ -176,6 +176,37 @@ def test_build_model_is_flynn_section5():
     assert isinstance(net[1], torch.nn.Sigmoid) and isinstance(net[3], torch.nn.Sigmoid)
 
 
+def test_build_model_uses_only_its_own_generator():
+    """The weights come from a generator seeded with ``seed`` (U[-1, 1] in float64, stored in
+    float32); torch's global generator is neither seeded nor drawn from."""
+    state = torch.get_rng_state()
+    net = build_model(5, 7, 3, seed=11)
+    assert torch.equal(torch.get_rng_state(), state)
+    g = torch.Generator().manual_seed(11)
+    for p in net.parameters():
+        ref = (torch.rand(p.shape, generator=g, dtype=torch.float64) * 2 - 1).to(torch.float32)
+        assert torch.equal(p.detach(), ref)
+
+
+@pytest.mark.parametrize("optimizer, batch", [("random", 16), ("sgd", 16), ("dsgd", 0)])
+def test_training_leaves_the_global_rng_alone(tmp_path, digits, optimizer, batch):
+    """A run neither seeds nor draws from torch's global generator (its randomness -- weights,
+    mini-batches, DSGD's "random" layers -- comes from explicit generators), and a resumed run
+    does not depend on it: reseeding it before resuming changes nothing."""
+    common = dict(optimizer=optimizer, q=math.inf, hidden=6, steps=8, batch_size=batch, lr=0.5,
+                  checkpoint_every=3, eval_every=4, dtype="float64", plots=False, seed=4)
+    state = torch.get_rng_state()
+    train(TrainConfig(out=str(tmp_path / "full"), **common), data=digits, progress=False)
+    train(TrainConfig(out=str(tmp_path / "part"), **common), data=digits, progress=False,
+          stop_after=5)
+    assert torch.equal(torch.get_rng_state(), state)
+    ck = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)
+    assert set(ck["rng"]) == {"batch"}  # the optimizer's own state travels in ck["optimizer"]
+    torch.manual_seed(12345)
+    train(TrainConfig(out=str(tmp_path / "part"), resume=True, **common), data=digits, progress=False)
+    assert _lines(tmp_path / "part" / "metrics.jsonl") == _lines(tmp_path / "full" / "metrics.jsonl")
+
+
 @pytest.mark.parametrize("opt", ["dsgd", "dsgd-all", "random", "sequential", "sgd-norm", "sgd", "gd"])
 def test_cli_train_every_optimizer(tmp_path, capsys, opt):
     out = tmp_path / opt

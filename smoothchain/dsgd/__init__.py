@@ -13,6 +13,7 @@
 The optimizer itself is :class:`smoothchain.optim.DSGD` (F Algo. 4.1).  See ``docs/dsgd.md``.
 """
 
+from ..losses import f_loss_constants
 from .bounds import (
     ACTIVATIONS,
     ActivationConstants,
@@ -20,7 +21,6 @@ from .bounds import (
     check_data,
     layer_bounds,
     layer_bounds_from_norms,
-    loss_constants,
     objective,
     parse_model,
 )
@@ -50,7 +50,7 @@ from .structure import DualityStructure, Euclidean, WeightedProduct, dsgd, examp
 __all__ = [
     "duality_map", "dual_norm", "matrix_norm", "spectral_norm",
     "product_norm", "product_dual_norm", "product_duality_map",
-    "layer_bounds", "layer_bounds_from_norms", "loss_constants", "parse_model", "check_data",
+    "layer_bounds", "layer_bounds_from_norms", "f_loss_constants", "parse_model", "check_data",
     "objective", "ACTIVATIONS", "ActivationConstants", "ChainConstants",
     "DualityStructure", "Euclidean", "WeightedProduct", "dsgd", "example_312",
     "batch_step_size", "batch_iterations", "stochastic_step_size",

@@ -48,6 +48,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..losses import f_loss_constants, squared_error
 from ..torch_chain import sequential_leaves
 from .norms import check_q, matrix_norm
 
@@ -58,7 +59,6 @@ __all__ = [
     "LayerSpec",
     "parse_model",
     "input_norm_bound",
-    "loss_constants",
     "layer_bounds",
     "layer_bounds_from_norms",
     "layer_matrix",
@@ -197,20 +197,6 @@ def input_norm_bound(width: int, bias: bool, q: float, entry_bound: float = 1.0)
     return (width * B**q + (1.0 if bias else 0.0)) ** (1.0 / q)
 
 
-def loss_constants(n_out: int, q: float, data_bound: float = 1.0) -> tuple[float, float]:
-    """(d_{q,1}, d_{q,2}) for J(y) = ||y - z||_2^2 on R^{n_out} with |y_k| <= 1, |z_k| <= D.
-
-    d_{q,1} = 2 (1 + D) n_out^{1 - 1/q} (the dual q'-norm of 2(y - z)), d_{q,2} =
-    2 n_out^{max(0, 1 - 2/q)} (||I||_{q -> q'}).  F Table 1 at D = 1.
-    """
-    q = check_q(q)
-    D = check_data_bound(data_bound)
-    inv_q = 0.0 if q == math.inf else 1.0 / q
-    d1 = 2.0 * (1.0 + D) * n_out ** (1.0 - inv_q)
-    d2 = 2.0 * n_out ** max(0.0, 1.0 - 2.0 * inv_q)
-    return d1, d2
-
-
 @dataclass(frozen=True)
 class ChainConstants:
     """The weight-independent constants of F Prop. 4.3 for one network, q and D.
@@ -231,7 +217,7 @@ class ChainConstants:
     def build(cls, layers: Sequence[LayerSpec], q, data_bound: float = 1.0) -> "ChainConstants":
         q = check_q(q)
         D = check_data_bound(data_bound)
-        d1, d2 = loss_constants(layers[-1].out_features, q, D)
+        d1, d2 = f_loss_constants(layers[-1].out_features, q, D)  # F Table 1, squared error
         c2 = tuple(input_norm_bound(s.in_features, s.bias, q, D if k == 0 else 1.0) ** 2
                    for k, s in enumerate(layers))
         return cls(c2, tuple(s.activation.d1 for s in layers), tuple(s.activation.d2 for s in layers),
@@ -323,6 +309,6 @@ def check_data(x: torch.Tensor, z: torch.Tensor | None = None, data_bound: float
 
 
 def objective(model: nn.Module, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """F eqs. (21)-(22): the batch mean of ||model(x) - z||_2^2 (no 1/2), summed over outputs."""
-    err = model(x) - z
-    return err.pow(2).reshape(err.shape[0], -1).sum(dim=1).mean()
+    """F eqs. (21)-(22): the batch mean of ||model(x) - z||_2^2 (no 1/2), summed over outputs
+    (the loss table's ``"squared-error"``)."""
+    return squared_error(model(x), z)

@@ -236,7 +236,7 @@ def variance_bound(model_or_shapes, q, batch_size: int, data_bound: float = 1.0,
         return variance_bound_paper(len(shapes), n, q, b, D)
     if method != "tight":
         raise ValueError(f"method must be 'tight' or 'paper', got {method!r}")
-    from .bounds import loss_constants
+    from ..losses import f_loss_constants
 
-    d1, d2 = loss_constants(shapes[-1][0], q, D)
+    d1, d2 = f_loss_constants(shapes[-1][0], q, D)
     return d1 * d1 / d2 * sum(_shape_factor(r, c, q) for r, c in shapes) / b

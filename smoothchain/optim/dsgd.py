@@ -32,15 +32,24 @@ updates a single layer i and decreases f by at least (lr - lr^2/2) (ip/bound)^2 
 divide by p_i^2 (their step is tuned): ``bound_scaling=False`` reproduces them
 (update -lr * rho_q(g_i)).
 
+Layout (in the manner of ``torch/optim/sgd.py``): :class:`DSGD` gathers the state -- parameter
+groups, the per-layer weight-norm bounds, the "random" generator, the q = 2 factor records --
+computes p_i(w) and calls the functional :func:`dsgd_update`, which does the step on plain
+tensors: layer choice (:func:`greedy_polar_layer`, :func:`greedy_sign_layer`,
+:func:`random_layer`, :func:`sequential_layer`), duality-map direction
+(:func:`polar_dual` / :func:`polar_direction`, :func:`smoothchain.dsgd.sign.sign_dual` /
+:func:`~smoothchain.dsgd.sign.apply_sign_step`) and step size (:func:`step_size`).
+
 Speed (``docs/dsgd.md`` section 4.1, ``benchmarks/dsgd_step.py``).
 
 * Weight norms inside p_i are certified *upper* bounds at every step: exact (q = 1, inf: float64
   column / row sums times 1 + gamma; q = 2: sqrt of the largest eigenvalue of the float64 Gram
   matrix times 1 + 4(k + 1)u) every ``norm_refresh`` steps, and in between the increment
   ||W - s Q|| <= (||W|| + s ||Q||)(1 + 3u k') after each of our updates (k' = 1 for q = 1, inf,
-  sqrt(min(r, c)) for q = 2).  Any other change of a parameter (its tensor version counter
-  moved: ``load_state_dict``, user code) forces an exact recomputation.  ``norm_refresh=1``
-  makes every norm exact.
+  sqrt(min(r, c)) for q = 2).  A bound is kept together with a copy of the values it holds for
+  (the weights as this optimizer last wrote them) and is only reused while the parameters still
+  equal that copy (``torch.equal``); any other change (``load_state_dict``, user code) forces an
+  exact recomputation.  ``norm_refresh=1`` makes every norm exact.
 * q = 1, inf (:mod:`smoothchain.dsgd.sign`): one read-only pass over each gradient for its dual
   norm, arg maxima and a one-entry-per-column (row) update for the chosen layer only; with
   q = 1 a large layer is first screened by a Cauchy-Schwarz bound from one dot product.
@@ -53,32 +62,24 @@ Speed (``docs/dsgd.md`` section 4.1, ``benchmarks/dsgd_step.py``).
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable, NamedTuple, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from ..dsgd.bounds import ChainConstants, check_data, check_data_bound, layer_matrix, parse_model
+from ..dsgd.bounds import ChainConstants, check_data, check_data_bound, parse_model
 from ..dsgd.lowrank import certified_direction, polar_core, unit_roundoff
 from ..dsgd.lowrank import gamma as gamma_n  # the rounding constant gamma_n = nu / (1 - nu)
 from ..dsgd.norms import check_q, duality_map, spectral_norm
-from ..dsgd.sign import apply_sign_step, sign_dual
+from ..dsgd.sign import SignDual, apply_sign_step, sign_dual
 from ..dsgd.rates import stochastic_step_size, variance_bound
 
-__all__ = ["DSGD"]
-
-_UNIT_ROUNDOFF: dict = {}
-
-
-def _unit_roundoff(dtype: torch.dtype) -> float:
-    u = _UNIT_ROUNDOFF.get(dtype)
-    if u is None:
-        u = _UNIT_ROUNDOFF[dtype] = unit_roundoff(dtype)
-    return u
-
-
-#: the grad-mode switch behind ``torch.no_grad`` (public fallback if a build lacks it)
-_set_grad_enabled = getattr(torch._C, "_set_grad_enabled", torch.set_grad_enabled)
+__all__ = ["DSGD", "DSGDStep", "dsgd_update", "step_size", "greedy_polar_layer",
+           "greedy_sign_layer", "random_layer", "sequential_layer", "PolarDual", "PolarDuals",
+           "SignDuals", "polar_dual", "polar_direction", "low_rank_factors", "weight_norm_bound",
+           "incremented_norm_bound"]
 
 VARIANTS = ("greedy", "all", "random", "sequential")
 MODES = ("batch", "stochastic")
@@ -86,8 +87,469 @@ MODES = ("batch", "stochastic")
 EXACT_NORM_MAX = 64
 #: q = 1, inf: layers with at most this many weight entries get their arg maxima (for the
 #: direction) together with the dual norm; larger ones only the maxima, and with q = 1 are first
-#: screened with a Frobenius upper bound (see ``_greedy_sign``)
+#: screened with a Frobenius upper bound (see :func:`greedy_sign_layer`)
 SIGN_INDEX_NUMEL = 1 << 15
+
+@functools.lru_cache(maxsize=None)
+def _unit_roundoff(dtype: torch.dtype) -> float:
+    return unit_roundoff(dtype)
+
+
+def _matrix(W: Tensor, b: Tensor | None) -> Tensor:
+    """[W | b] (W alone without a bias), detached."""
+    W = W.detach()
+    return W if b is None else torch.cat([W, b.detach().reshape(-1, 1)], dim=1)
+
+
+def _check_lr(lr) -> None:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# weight norms (upper bounds) for p_i
+def weight_norm_bound(W: Tensor, b: Tensor | None, q: float) -> float:
+    """Certified upper bound on ||[W | b]||_q (q = 1, 2 or inf), computed from scratch."""
+    W = W.detach()
+    b = None if b is None else b.detach()
+    r, c = W.shape[0], W.shape[1] + (0 if b is None else 1)
+    if q == 1.0:
+        cols = W.abs().sum(dim=0, dtype=torch.float64)
+        val = float(cols.max())
+        if b is not None:
+            val = max(val, float(b.abs().sum(dtype=torch.float64)))
+        return val * (1.0 + gamma_n(r + 1, torch.float64))
+    if q == math.inf:
+        rows = W.abs().sum(dim=1, dtype=torch.float64)
+        if b is not None:
+            rows = rows + b.abs().to(torch.float64)
+        return float(rows.max()) * (1.0 + gamma_n(c + 1, torch.float64))
+    # sqrt(lambda_max) of a float64 Gram matrix; eigvalsh is backward stable with error
+    # ~ n u ||Gram||, covered by the relative slack below
+    return spectral_norm(_matrix(W, b)) * (1.0 + 4 * (min(r, c) + 1) * unit_roundoff(torch.float64))
+
+
+def incremented_norm_bound(bound: float, step_norm: float, dtype: torch.dtype,
+                           round_k: float) -> float:
+    """Certified ||W - s Q|| <= (||W|| + s ||Q||)(1 + 3 u k) after a stored update: the rounding
+    of fl(W - sQ) adds at most 3 u k ||W - sQ|| with k = 1 (q = 1, inf: entrywise relative errors
+    scale column / row sums) or sqrt(min(r, c)) (q = 2: ||E||_2 <= ||E||_F <= u ||W'||_F <=
+    u sqrt(rank) ||W'||_2)."""
+    return (bound + step_norm) * (1.0 + 3.0 * _unit_roundoff(dtype) * round_k)
+
+
+# --------------------------------------------------------------------------------------------
+# the step size (F Props. 4.3-4.4)
+def step_size(lr: float, eps: float, ip: float, bound: float, p_i: float,
+              bound_scaling: bool = True) -> float:
+    """s = lr * eps * ip / (p_i^2 * bound^2): the certified step of the descent lemma (F Prop.
+    4.4) along a direction Q with ip <= <g_i, Q> and bound >= ||Q||_q, p_i from F Prop. 4.3
+    (``bound_scaling=False``: no division by p_i^2, F's tuned RANDOM / SEQUENTIAL)."""
+    s = lr * eps * ip / (bound * bound)
+    if bound_scaling:
+        s /= p_i * p_i
+    return s
+
+
+# --------------------------------------------------------------------------------------------
+# layer choice
+def random_layer(K: int, generator: torch.Generator | None = None) -> int:
+    """F Sec. 5.1's RANDOM: a layer uniformly at random (0-based; torch's global generator if
+    ``generator`` is None)."""
+    return int(torch.randint(K, (1,), generator=generator).item())
+
+
+def sequential_layer(K: int, step: int) -> int:
+    """F Sec. 5.1's SEQUENTIAL: layer ``step mod K`` (0-based) at the ``step``-th step (from 0)."""
+    return step % K
+
+
+def _first_argmax(ratios: dict[int, float], candidates: Sequence[int]) -> int:
+    return max(candidates, key=lambda i: (ratios[i], -i))
+
+
+def sign_screened(weights: Sequence[Tensor], q: float) -> list[bool]:
+    """q = 1 greedy: the layers large enough to be screened first (see :func:`greedy_sign_layer`)."""
+    K = len(weights)
+    return [q == 1.0 and K > 1 and W.numel() > SIGN_INDEX_NUMEL for W in weights]
+
+
+@functools.lru_cache(maxsize=None)
+def _screen_factor(r: int, c: int, dtype: torch.dtype) -> float:
+    """sqrt(c / (1 - gamma_n)) (1 + 1e-12) for n = r c entries in ``dtype``, so that
+    ||G||_{1,*} <= factor * sqrt(fl(G . G)); inf where gamma_n is useless (>= 1)."""
+    g = gamma_n(r * c, dtype)
+    return math.sqrt(c / (1.0 - g)) * (1.0 + 1e-12) if g < 1.0 else math.inf
+
+
+@functools.lru_cache(maxsize=None)
+def _sign_ip_factor(r: int, c: int) -> float:
+    """q = 1, inf: <G, Q> >= N (1 - gamma_{r+c+1}) (float64 summation of the exact maxima)."""
+    return 1.0 - gamma_n(r + c + 1, torch.float64)
+
+
+class SignDuals:
+    """Per-step q = 1 / inf dual norms of the layers (:func:`smoothchain.dsgd.sign.sign_dual`),
+    each computed at most once; ``duals[i]`` is None where it was not needed."""
+
+    def __init__(self, grads_w: Sequence[Tensor], grads_b: Sequence[Tensor | None], q: float):
+        self.grads_w, self.grads_b, self.q = grads_w, grads_b, q
+        self.duals: list[SignDual | None] = [None] * len(grads_w)
+
+    def __call__(self, i: int) -> SignDual:
+        d = self.duals[i]
+        if d is None:
+            d = self.duals[i] = sign_dual(self.grads_w[i], self.grads_b[i], self.q,
+                                          dense_max=SIGN_INDEX_NUMEL)
+        return d
+
+    def norms(self) -> list[float | None]:
+        return [None if d is None else d.norm for d in self.duals]
+
+
+def greedy_sign_layer(p: Sequence[float], duals: Callable[[int], SignDual],
+                      grads_w: Sequence[Tensor], grads_b: Sequence[Tensor | None],
+                      screened: Sequence[bool]) -> int:
+    """i* = argmax_i ||g_i||_* / p_i (first maximiser), q = 1 / inf (F Algo. 4.1 line 9).
+
+    q = 1 screening (``screened[i]``): the column maxima of a large gradient are a strided
+    reduction, the slowest pass of the step, so a large layer is first bounded by Cauchy-Schwarz
+    over its c columns, ||G||_{1,*} = sum_j max_i |G_ij| <= sum_j ||G_:j||_2 <= sqrt(c) ||G||_F,
+    from one dot product (rounding: ||G||_F^2 <= fl(G . G) / (1 - gamma_n)).  A layer whose bound
+    / p_i is below another layer's exact ratio cannot be the arg max and is skipped."""
+    best, best_i = -1.0, 0
+    K = len(screened)
+    for i in range(K):
+        if not screened[i]:
+            r = duals(i).norm / p[i]
+            if r > best:
+                best, best_i = r, i
+    for i in range(K):
+        if not screened[i]:
+            continue
+        GW, gb = grads_w[i], grads_b[i]
+        v = GW.reshape(-1)
+        sq = torch.dot(v, v)
+        if gb is not None:
+            sq = sq + torch.dot(gb, gb)
+        factor = _screen_factor(GW.shape[0], GW.shape[1] + (0 if gb is None else 1), GW.dtype)
+        if math.sqrt(float(sq)) * factor / p[i] < best:
+            continue
+        r = duals(i).norm / p[i]
+        if r > best or (r == best and i < best_i):
+            best, best_i = r, i
+    return best_i
+
+
+# --------------------------------------------------------------------------------------------
+# q = 2: low-rank factors, dual norms and polar directions
+def _probe(probes: list, i: int, c: int, dtype: torch.dtype) -> Tensor:
+    """Layer i's fixed random probe vector (seed 1234 + i), cached in ``probes[i]``."""
+    v = probes[i]
+    if v is None or v.dtype != dtype or v.shape[0] != c:
+        g = torch.Generator().manual_seed(1234 + i)
+        v = probes[i] = torch.randn(c, generator=g, dtype=torch.float64).to(dtype)
+    return v
+
+
+def low_rank_factors(records: Sequence[tuple[Tensor, Tensor]], GW: Tensor, gb: Tensor | None,
+                     probe: Callable[[int, torch.dtype], Tensor]):
+    """(A, X) with [G_W | g_b] = A [X | 1] (A = Delta^T) from a layer's hook records (input X,
+    output gradient Delta per backward), or None: no records, not low rank (batch >= min(r, c)),
+    another dtype, or the records do not match the gradient -- [G_W | g_b] v and Delta^T ([X | 1] v)
+    are compared for the fixed random ``v = probe(c, dtype)``."""
+    if not records:
+        return None
+    r, n = GW.shape
+    c = n + (0 if gb is None else 1)
+    xs = [x.reshape(-1, n) for x, _ in records]
+    ds = [g.reshape(-1, r) for _, g in records]
+    m = sum(x.shape[0] for x in xs)
+    if m >= min(r, c):
+        return None
+    X = xs[0] if len(xs) == 1 else torch.cat(xs)
+    D = ds[0] if len(ds) == 1 else torch.cat(ds)
+    if X.dtype != GW.dtype or D.dtype != GW.dtype:
+        return None
+    v = probe(c, GW.dtype)
+    vw = v[:n]
+    Xv = X @ vw
+    Gv = GW @ vw
+    if gb is not None:
+        Xv = Xv + v[-1]
+        Gv = Gv + gb * v[-1]
+    Fv = D.T @ Xv
+    scale = float(torch.linalg.vector_norm(D)) * float(torch.linalg.vector_norm(Xv))
+    if not float(torch.linalg.vector_norm(Gv - Fv)) <= 1e-4 * scale + 1e-30:
+        return None
+    return D.T, X
+
+
+class PolarDual(NamedTuple):
+    """||g_i||_* (F eq. 26, q = 2) of one layer and what its direction needs.
+
+    ``kind`` "svd": ``core`` is rho_2(G) (F eq. 28, float64), ``data`` None; "factored": ``core``
+    the m x m :class:`~smoothchain.dsgd.lowrank.PolarCore` of A [X | 1], ``data`` (A, X);
+    "dense": ``core`` the core of the dense gradient, ``data`` (G, transposed)."""
+
+    kind: str
+    norm: float
+    core: object
+    data: tuple | None
+
+
+def polar_dual(GW: Tensor, gb: Tensor | None, method: str, factors=None) -> PolarDual:
+    """The q = 2 dual norm of [G_W | g_b]: by LAPACK SVD (``method="svd"``), from the low-rank
+    ``factors`` (A, X) when given, else from the dense gradient's Gram core."""
+    if method == "svd":
+        rho, N = duality_map(_matrix(GW, gb).to(torch.float64), 2, method="svd")
+        return PolarDual("svd", N, rho, None)
+    if factors is not None:
+        A, X = factors
+        core = polar_core(A, X, ones_column=gb is not None)
+        return PolarDual("factored", core.nuclear, core, (A, X))
+    G = _matrix(GW, gb)
+    transposed = G.shape[0] > G.shape[1]
+    core = polar_core(None, G.T if transposed else G)
+    return PolarDual("dense", core.nuclear, core, (G, transposed))
+
+
+def polar_direction(dual: PolarDual, GW: Tensor, gb: Tensor | None):
+    """(Q_W, q_b, ip, bound): the direction Q ~ U V^T (F eq. 28) split as [Q_W | q_b] (q_b None
+    without a bias) with ip <= <g_i, Q> and bound >= ||Q||_2 certified; (None, None, 0, 1) for a
+    zero gradient."""
+    n = GW.shape[1]
+    if dual.kind == "svd":
+        N = dual.norm
+        if N <= 0:
+            return None, None, 0.0, 1.0
+        Q = dual.core / N  # rho / N
+        bound = spectral_norm(Q) * (1.0 + 8 * unit_roundoff(torch.float64) * (min(Q.shape) + 1))
+        G = _matrix(GW, gb).to(torch.float64)
+        ip = float((G * Q).sum()) * (1.0 - gamma_n(G.numel(), torch.float64))
+        Qw = Q.to(GW.dtype)
+        return Qw[:, :n], (Qw[:, n] if gb is not None else None), ip, bound
+    if dual.kind == "factored":
+        A, X = dual.data
+        return certified_direction(dual.core, A, X, (GW, gb) if gb is not None else GW,
+                                   bias_column=gb is not None)
+    G, transposed = dual.data
+    Bm = G.T if transposed else G
+    Q, _, ip, bound = certified_direction(dual.core, None, Bm, Bm)
+    if Q is None:
+        return None, None, 0.0, 1.0
+    Q = Q.T if transposed else Q
+    return Q[:, :n], (Q[:, n] if gb is not None else None), ip, bound
+
+
+class PolarDuals:
+    """Per-step q = 2 factors (:func:`low_rank_factors`) and dual norms (:func:`polar_dual`) of
+    the layers, each computed at most once; ``duals(i)`` is layer i's :class:`PolarDual`.
+    ``records[i]``: layer i's hook records (None: none), ``probes``: per-layer probe cache."""
+
+    def __init__(self, grads_w: Sequence[Tensor], grads_b: Sequence[Tensor | None], method: str,
+                 records: Sequence[Sequence] | None, probes: list):
+        self.grads_w, self.grads_b, self.method = grads_w, grads_b, method
+        self.records, self.probes = records, probes
+        self.duals: dict[int, PolarDual] = {}
+        self._factors: dict[int, tuple | None] = {}
+
+    def factors(self, i: int):
+        if i not in self._factors:
+            recs = self.records[i] if self.records is not None else ()
+            self._factors[i] = low_rank_factors(
+                recs, self.grads_w[i], self.grads_b[i],
+                lambda c, dtype: _probe(self.probes, i, c, dtype))
+        return self._factors[i]
+
+    def __call__(self, i: int) -> PolarDual:
+        d = self.duals.get(i)
+        if d is None:
+            fac = None if self.method == "svd" else self.factors(i)
+            d = self.duals[i] = polar_dual(self.grads_w[i], self.grads_b[i], self.method, fac)
+        return d
+
+    def norms(self) -> list[float | None]:
+        return [self.duals[i].norm if i in self.duals else None for i in range(len(self.grads_w))]
+
+
+def _polar_screen(p: Sequence[float], duals: PolarDuals) -> list[int]:
+    """Layers that can maximise ||g_i||_* / p_i.  Small layers (min(r, c) <= 64) get their
+    exact nuclear norm at once; a large layer only gets the upper bound
+    ||G||_* <= min(sqrt(rank) ||G||_F, sum_k ||delta_k|| ||[x_k; 1]||) (rank G <= batch; the
+    second is the triangle inequality over the batch's rank-one terms).  A large layer whose
+    upper bound is below a small layer's exact ratio is never the arg max, so its b x b core
+    is not computed.  Large layers left in the race keep the lower bound ||G||_F."""
+    best = 0.0
+    upper: dict[int, float] = {}
+    for i in range(len(p)):
+        GW, gb = duals.grads_w[i], duals.grads_b[i]
+        r, c = GW.shape[0], GW.shape[1] + (0 if gb is None else 1)
+        if min(r, c) <= EXACT_NORM_MAX:
+            best = max(best, duals(i).norm / p[i])
+            continue
+        fac = duals.factors(i)
+        if fac is not None:
+            A, X = fac
+            xn2 = (X * X).sum(dim=1, dtype=torch.float64) + (1.0 if gb is not None else 0.0)
+            an = torch.linalg.vector_norm(A.to(torch.float64), dim=0)
+            upper[i] = float((an * xn2.sqrt()).sum()) * (1.0 + 1e-12) / p[i]
+        else:
+            fro = float(torch.linalg.vector_norm(GW, dtype=torch.float64))
+            if gb is not None:
+                fro = math.hypot(fro, float(torch.linalg.vector_norm(gb, dtype=torch.float64)))
+            upper[i] = fro * math.sqrt(min(r, c)) * (1.0 + 1e-12) / p[i]
+    return [i for i in range(len(p)) if i not in upper or upper[i] >= best]
+
+
+def greedy_polar_layer(p: Sequence[float], duals: PolarDuals, screen: bool = True) -> int:
+    """i* = argmax_i ||g_i||_* / p_i (first maximiser), q = 2 (F Algo. 4.1 line 9), the large
+    layers first screened by upper bounds (:func:`_polar_screen`) when ``screen``."""
+    candidates = list(range(len(p)))
+    if len(p) > 1 and screen:
+        candidates = _polar_screen(p, duals)
+    if len(candidates) == 1:
+        return candidates[0]
+    return _first_argmax({i: duals(i).norm / p[i] for i in candidates}, candidates)
+
+
+# --------------------------------------------------------------------------------------------
+# the functional step
+class DSGDStep(NamedTuple):
+    """What :func:`dsgd_update` did: ``layers`` (0-based, in update order), per layer
+    ``dual_norms`` (||g_i||_*, None where not computed) and ``certified`` (ip / bound, None for
+    layers not chosen, 0 for a chosen layer left in place), and ``step_norms`` {layer: certified
+    upper bound on ||s Q||_q} of the layers actually moved."""
+
+    layers: list[int]
+    dual_norms: list[float | None]
+    certified: list[float | None]
+    step_norms: dict[int, float]
+
+
+def _abs_buffer(abs_buffers: list | None, i: int, W: Tensor) -> Tensor | None:
+    """Layer i's persistent buffer for |G_W| when the layer is large (None otherwise, or when no
+    buffers are kept; see :mod:`smoothchain.dsgd.sign`)."""
+    if abs_buffers is None or W.numel() <= SIGN_INDEX_NUMEL:
+        return None
+    buf = abs_buffers[i]
+    if buf is None or buf.dtype != W.dtype or buf.shape != W.shape:
+        buf = abs_buffers[i] = torch.empty(W.shape, dtype=W.dtype)
+    return buf
+
+
+def _polar_update(duals: PolarDuals, i: int, W: Tensor, b: Tensor | None):
+    """(update, ip, bound) for layer i, q = 2: the polar direction of :func:`polar_direction`
+    (update None for a zero gradient)."""
+    QW, qb, ip, bound = polar_direction(duals(i), duals.grads_w[i], duals.grads_b[i])
+    if QW is None:
+        return None, 0.0, 1.0
+
+    def update(s: float) -> None:
+        W.add_(QW, alpha=-s)
+        if qb is not None:
+            b.add_(qb, alpha=-s)
+    return update, ip, bound
+
+
+def _sign_update(duals: SignDuals, i: int, W: Tensor, b: Tensor | None, buf: Tensor | None):
+    """(update, ip, bound) for layer i, q = 1 / inf: F's sign matrix Q (eqs. 27, 29), for which
+    ||Q||_q = 1 and <g_i, Q> = ||g_i||_* up to the float64 summation of the maxima."""
+    d = duals(i)
+    r, n = duals.grads_w[i].shape
+    ip = d.norm * _sign_ip_factor(r, n + (0 if b is None else 1))
+    return (lambda s: apply_sign_step(W, b, d, duals.q, s, buf=buf)), ip, 1.0
+
+
+def _choose(variant: str, K: int, greedy: Callable[[], int], generator, step: int) -> list[int]:
+    if variant == "greedy":
+        return [greedy()]
+    if variant == "all":
+        return list(range(K))
+    if variant == "random":
+        return [random_layer(K, generator)]
+    if variant == "sequential":
+        return [sequential_layer(K, step)]
+    raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+
+
+def dsgd_update(weights: Sequence[Tensor], biases: Sequence[Tensor | None],
+                grads_w: Sequence[Tensor], grads_b: Sequence[Tensor | None],
+                p: Sequence[float], lrs: Sequence[float], *, q: float, variant: str = "greedy",
+                eps: float = 1.0, bound_scaling: bool = True, method: str = "auto",
+                step: int = 0, generator: torch.Generator | None = None,
+                records: Sequence[Sequence] | None = None, probes: list | None = None,
+                abs_buffers: list | None = None, screened: Sequence[bool] | None = None) -> DSGDStep:
+    """One DSGD step (F Algo. 4.1 lines 9-10) on plain tensors, in place and without autograd
+    (call it under ``torch.no_grad()``).
+
+    Layer i is [``weights[i]`` | ``biases[i]``] (bias None: none) with gradient [``grads_w[i]`` |
+    ``grads_b[i]``] (detached, zeros for a missing one), p_i(w) = ``p[i]`` (F Prop. 4.3) and
+    learning rate ``lrs[i]``; ``q`` is 1.0, 2.0 or math.inf.  ``variant`` picks the layers
+    (``step``, the number of steps taken so far, drives "sequential"; ``generator`` "random"),
+    each moved by s Q with s = :func:`step_size` (``eps`` the theoretical step).  q = 2:
+    ``method`` "auto"/"gram"/"svd" as for :class:`DSGD`, ``records[i]`` the (input, output
+    gradient) pairs hooked for layer i (None: dense route), ``probes`` a per-layer cache of the
+    records' probe vectors.  q = 1, inf: ``abs_buffers`` per-layer scratch buffers for large
+    layers (None: temporaries), ``screened`` the q = 1 screening flags (default
+    :func:`sign_screened`).  The caller keeps whatever state it needs (weight-norm bounds from
+    ``step_norms``)."""
+    K = len(weights)
+    duals: PolarDuals | SignDuals
+    if q == 2.0:
+        duals = PolarDuals(grads_w, grads_b, method, records,
+                           probes if probes is not None else [None] * K)
+        chosen = _choose(variant, K, lambda: greedy_polar_layer(p, duals, screen=method != "svd"),
+                         generator, step)
+    else:
+        duals = SignDuals(grads_w, grads_b, q)
+        flags = sign_screened(weights, q) if screened is None else screened
+        chosen = _choose(variant, K, lambda: greedy_sign_layer(p, duals, grads_w, grads_b, flags),
+                         generator, step)
+    certified: list[float | None] = [None] * K
+    step_norms: dict[int, float] = {}
+    for i in chosen:
+        if q == 2.0:
+            update, ip, bound = _polar_update(duals, i, weights[i], biases[i])
+        else:
+            update, ip, bound = _sign_update(duals, i, weights[i], biases[i],
+                                             _abs_buffer(abs_buffers, i, weights[i]))
+        if update is None or not ip > 0.0:
+            certified[i] = 0.0
+            continue
+        s = step_size(lrs[i], eps, ip, bound, p[i], bound_scaling)
+        update(s)
+        certified[i] = ip / bound
+        step_norms[i] = s * bound
+    return DSGDStep(chosen, duals.norms(), certified, step_norms)
+
+
+# --------------------------------------------------------------------------------------------
+# the optimizer: state and bookkeeping around dsgd_update
+class _NormBound(NamedTuple):
+    """A certified upper bound on ||[W_i | b_i]||_q, valid while the parameters equal ``weight``
+    / ``bias`` (copies of the values it was computed or incremented for)."""
+
+    bound: float
+    weight: Tensor
+    bias: Tensor | None
+    steps: int  # increments since the last exact computation
+
+
+def _same(t: Tensor | None, copy: Tensor | None) -> bool:
+    if t is None or copy is None:
+        return t is None and copy is None
+    return t.dtype == copy.dtype and t.shape == copy.shape and torch.equal(t, copy)
+
+
+def _copy_into(t: Tensor | None, copy: Tensor | None) -> Tensor | None:
+    """``copy`` overwritten with t's values (a fresh copy if it does not fit)."""
+    if t is None:
+        return None
+    t = t.detach()
+    if copy is None or copy.dtype != t.dtype or copy.shape != t.shape:
+        return t.clone(memory_format=torch.contiguous_format)
+    return copy.copy_(t)
 
 
 class DSGD(torch.optim.Optimizer):
@@ -113,7 +575,8 @@ class DSGD(torch.optim.Optimizer):
 
     After :meth:`step`, ``last_layers`` lists the updated layers (1-based), ``last_p`` the
     p_i(w) used, ``last_dual_norms`` the ||g_i||_* computed (None where not needed) and
-    ``last_certified`` the certified ip / bound of each updated layer.
+    ``last_certified`` the certified ip / bound of each updated layer.  The step itself is
+    :func:`dsgd_update`.
     """
 
     def __init__(self, model: nn.Module, q=2, variant: str = "greedy", lr: float = 1.0, *,
@@ -122,6 +585,48 @@ class DSGD(torch.optim.Optimizer):
                  seed: int | None = None, bound_scaling: bool = True, method: str = "auto",
                  capture: str = "auto", norm_refresh: int = 10):
         self.q = check_q(q)
+        self._check_options(variant, mode, method, capture, norm_refresh, bound_scaling)
+        _check_lr(lr)
+        self.data_bound = check_data_bound(data_bound)
+        self.variant, self.mode, self.method = variant, mode, method
+        self.bound_scaling = bool(bound_scaling)
+        self.norm_refresh = norm_refresh
+        self._layers = parse_model(model)
+        self.model = model
+        self._consts = ChainConstants.build(self._layers, self.q, self.data_bound)
+        self.gamma = gamma
+        self.sigma2, self.theory_step = self._theory_step(model, mode, gamma, sigma2, batch_size)
+
+        groups = []
+        for spec in self._layers:
+            params = [spec.linear.weight] + ([spec.linear.bias] if spec.bias else [])
+            groups.append({"params": params, "layer": spec.index})
+        super().__init__(groups, {"lr": lr})
+        self._generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+        self.last_layers: list[int] = []
+        self.last_p: list[float] = []
+        self.last_dual_norms: list[float | None] = []
+        self.last_certified: list[float | None] = []
+        # the layers' parameters (the tensors of the param groups), looked up once
+        self._W = [sp.linear.weight for sp in self._layers]
+        self._b = [sp.linear.bias if sp.bias else None for sp in self._layers]
+        K = len(self._layers)
+        #: per-layer weight-norm bound (:class:`_NormBound`), None until first needed
+        self._norm_cache: list[_NormBound | None] = [None] * K
+        # rounding constant of incremented_norm_bound: 1 (q = 1, inf) or sqrt(min(r, c)) (q = 2)
+        self._round_k = [math.sqrt(min(sp.out_features, sp.in_features + int(sp.bias)))
+                         if self.q == 2.0 else 1.0 for sp in self._layers]
+        self._screened = sign_screened(self._W, self.q)
+        self._abs_bufs: list[Tensor | None] = [None] * K
+        self._probes: list[Tensor | None] = [None] * K
+        self._records: list[list] = [[] for _ in self._layers]
+        self._hooks = []
+        if capture == "auto" and self.q == 2.0 and method == "auto":
+            for i, spec in enumerate(self._layers):
+                self._hooks.append(spec.linear.register_forward_hook(self._make_hook(i)))
+
+    @staticmethod
+    def _check_options(variant, mode, method, capture, norm_refresh, bound_scaling) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if mode not in MODES:
@@ -132,76 +637,30 @@ class DSGD(torch.optim.Optimizer):
             raise ValueError(f"capture must be 'auto' or 'none', got {capture!r}")
         if isinstance(norm_refresh, bool) or not isinstance(norm_refresh, int) or norm_refresh < 1:
             raise ValueError(f"norm_refresh must be a positive integer, got {norm_refresh!r}")
-        _check_lr(lr)
-        self.data_bound = check_data_bound(data_bound)
         if not bound_scaling and variant == "greedy":
             raise ValueError("variant 'greedy' needs bound_scaling=True (its choice uses p_i)")
-        self.variant, self.mode, self.method = variant, mode, method
-        self.bound_scaling = bool(bound_scaling)
-        self.norm_refresh = norm_refresh
-        self._layers = parse_model(model)
-        self.model = model
-        self._consts = ChainConstants.build(self._layers, self.q, self.data_bound)
-        #: (rows, cols) of each layer matrix [W | b]
-        self._dims = [(sp.out_features, sp.in_features + int(sp.bias)) for sp in self._layers]
 
-        self.sigma2 = None
-        if gamma is not None:
-            if mode != "stochastic":
-                raise ValueError(f"gamma (F Thm 4.12) is only used in stochastic mode, got "
-                                 f"gamma={gamma!r} with mode={mode!r}")
-            if sigma2 is None:
-                if batch_size is None:
-                    raise ValueError("stochastic mode with gamma needs batch_size (or sigma2)")
-                sigma2 = variance_bound(model, self.q, batch_size, self.data_bound)
-            self.sigma2 = float(sigma2)
-            self.theory_step = stochastic_step_size(gamma, sigma2)
-        else:
+    def _theory_step(self, model, mode, gamma, sigma2, batch_size) -> tuple[float | None, float]:
+        """(sigma2, eps): eps = 1 (F Thm 4.8), or F Thm 4.12's step for a target ``gamma``."""
+        if gamma is None:
             if sigma2 is not None:
                 raise ValueError(f"sigma2={sigma2!r} is only used together with gamma")
-            self.theory_step = 1.0
-        self.gamma = gamma
-
-        groups = []
-        for spec in self._layers:
-            params = [spec.linear.weight] + ([spec.linear.bias] if spec.bias else [])
-            groups.append({"params": params, "layer": spec.index})
-        super().__init__(groups, {"lr": lr})
-        self._gen = None if seed is None else torch.Generator().manual_seed(int(seed))
-        self.last_layers: list[int] = []
-        self.last_p: list[float] = []
-        self.last_dual_norms: list[float | None] = []
-        self.last_certified: list[float | None] = []
-        # per-layer weight-norm bound: (bound, weight version, bias version, steps since exact)
-        self._norm_cache: list[tuple | None] = [None] * len(self._layers)
-        self._records: list[list] = [[] for _ in self._layers]
-        self._hooks = []
-        self._probes: list[torch.Tensor | None] = [None] * len(self._layers)
-        self._fac_cache: dict = {}
-        self._abs_bufs: dict = {}
-        # the layers' parameters (the tensors of the param groups), looked up once
-        self._W = [sp.linear.weight for sp in self._layers]
-        self._b = [sp.linear.bias if sp.bias else None for sp in self._layers]
-        # rounding of a stored update, ||fl(W - sQ)|| <= (1 + 3u k)(||W|| + s||Q||) with k = 1
-        # (q = 1, inf: entrywise relative errors scale column / row sums) or sqrt(min(r, c))
-        # (q = 2: ||E||_2 <= ||E||_F <= u ||W'||_F <= u sqrt(rank) ||W'||_2)
-        self._round_k = [math.sqrt(min(r, c)) if self.q == 2.0 else 1.0 for r, c in self._dims]
-        # q = 1, inf: <G, Q> >= N (1 - gamma_{r+c}) (float64 summation of the exact maxima)
-        self._sign_ip = [1.0 - gamma_n(r + c + 1, torch.float64) for r, c in self._dims]
-        # q = 1 greedy screening of the large layers (see _greedy_sign): (dtype, factor) cache
-        self._screen_fac = [(None, None)] * len(self._layers)
-        self._screened = [self.q == 1.0 and len(self._layers) > 1 and W.numel() > SIGN_INDEX_NUMEL
-                          for W in self._W]
-        if capture == "auto" and self.q == 2.0 and method == "auto":
-            for i, spec in enumerate(self._layers):
-                self._hooks.append(spec.linear.register_forward_hook(self._make_hook(i)))
+            return None, 1.0
+        if mode != "stochastic":
+            raise ValueError(f"gamma (F Thm 4.12) is only used in stochastic mode, got "
+                             f"gamma={gamma!r} with mode={mode!r}")
+        if sigma2 is None:
+            if batch_size is None:
+                raise ValueError("stochastic mode with gamma needs batch_size (or sigma2)")
+            sigma2 = variance_bound(model, self.q, batch_size, self.data_bound)
+        return float(sigma2), stochastic_step_size(gamma, sigma2)
 
     # ----------------------------------------------------------------------------------------
     # checkpoints: the incremental norm bounds and the "random" generator travel with the state
     def state_dict(self):
         sd = super().state_dict()
-        sd["dsgd"] = {"norm_cache": [None if c is None else (c[0], c[3]) for c in self._norm_cache],
-                      "generator": None if self._gen is None else self._gen.get_state()}
+        sd["dsgd"] = {"norm_cache": [None if c is None else (c.bound, c.steps) for c in self._norm_cache],
+                      "generator": None if self._generator is None else self._generator.get_state()}
         return sd
 
     def load_state_dict(self, state_dict) -> None:
@@ -215,9 +674,9 @@ class DSGD(torch.optim.Optimizer):
         for i, c in enumerate(extra.get("norm_cache", [])):
             if c is None or i >= len(self._layers):
                 continue
-            self._norm_cache[i] = (float(c[0]), *self._versions(i), int(c[1]))
-        if extra.get("generator") is not None and self._gen is not None:
-            self._gen.set_state(extra["generator"])
+            self._norm_cache[i] = _NormBound(float(c[0]), *self._snapshot(i), int(c[1]))
+        if extra.get("generator") is not None and self._generator is not None:
+            self._generator.set_state(extra["generator"])
 
     # ----------------------------------------------------------------------------------------
     # factor capture (q = 2)
@@ -251,93 +710,44 @@ class DSGD(torch.optim.Optimizer):
         self._clear_records()
         super().zero_grad(set_to_none=set_to_none)
 
-    def _factors(self, i: int, GW: torch.Tensor, gb: torch.Tensor | None):
-        """(A, X) with [GW | gb] = A [X | 1] (A = Delta^T) if the records match the gradient."""
-        if i in self._fac_cache:
-            return self._fac_cache[i]
-        self._fac_cache[i] = out = self._factors_uncached(i, GW, gb)
-        return out
-
-    def _factors_uncached(self, i: int, GW: torch.Tensor, gb: torch.Tensor | None):
-        recs = self._records[i]
-        spec = self._layers[i]
-        if not recs or not self._hooks:
-            return None
-        xs = [x.reshape(-1, spec.in_features) for x, _ in recs]
-        ds = [g.reshape(-1, spec.out_features) for _, g in recs]
-        m = sum(x.shape[0] for x in xs)
-        r, c = spec.out_features, spec.in_features + (1 if spec.bias else 0)
-        if m >= min(r, c):
-            return None
-        X = xs[0] if len(xs) == 1 else torch.cat(xs)
-        D = ds[0] if len(ds) == 1 else torch.cat(ds)
-        if X.dtype != GW.dtype or D.dtype != GW.dtype:
-            return None
-        # probe: compare [GW | gb] v with Delta^T ([X | 1] v) for a fixed random v
-        v = self._probes[i]
-        if v is None or v.dtype != GW.dtype:
-            g = torch.Generator().manual_seed(1234 + i)
-            v = torch.randn(c, generator=g, dtype=torch.float64).to(GW.dtype)
-            self._probes[i] = v
-        vw = v[: spec.in_features]
-        Xv = X @ vw
-        Gv = GW @ vw
-        if spec.bias:
-            Xv = Xv + v[-1]
-            Gv = Gv + gb * v[-1]
-        Fv = D.T @ Xv
-        scale = float(torch.linalg.vector_norm(D)) * float(torch.linalg.vector_norm(Xv))
-        if not float(torch.linalg.vector_norm(Gv - Fv)) <= 1e-4 * scale + 1e-30:
-            return None
-        return D.T, X
+    def _factors(self, i: int, GW: Tensor, gb: Tensor | None):
+        """(A, X) with [GW | gb] = A [X | 1] (A = Delta^T) if layer i's records match the gradient
+        (:func:`low_rank_factors`), else None."""
+        recs = self._records[i] if self._hooks else ()
+        return low_rank_factors(recs, GW, gb, lambda c, dtype: _probe(self._probes, i, c, dtype))
 
     # ----------------------------------------------------------------------------------------
     # weight norms (upper bounds) and p_i
-    def _exact_norm(self, spec) -> float:
-        """Certified upper bound on ||[W | b]||_q, computed from scratch."""
-        W = spec.linear.weight.detach()
-        b = spec.linear.bias.detach() if spec.bias else None
-        r, c = W.shape[0], W.shape[1] + (1 if spec.bias else 0)
-        u = unit_roundoff(torch.float64)
-        if self.q == 1.0:
-            cols = W.abs().sum(dim=0, dtype=torch.float64)
-            val = float(cols.max())
-            if b is not None:
-                val = max(val, float(b.abs().sum(dtype=torch.float64)))
-            return val * (1.0 + gamma_n(r + 1, torch.float64))
-        if self.q == math.inf:
-            rows = W.abs().sum(dim=1, dtype=torch.float64)
-            if b is not None:
-                rows = rows + b.abs().to(torch.float64)
-            return float(rows.max()) * (1.0 + gamma_n(c + 1, torch.float64))
-        M = layer_matrix(spec)
-        # sqrt(lambda_max) of a float64 Gram matrix; eigvalsh is backward stable with error
-        # ~ n u ||Gram||, covered by the relative slack below
-        return spectral_norm(M) * (1.0 + 4 * (min(r, c) + 1) * u)
-
-    def _versions(self, i: int) -> tuple[int, int]:
-        b = self._b[i]
-        return self._W[i]._version, (0 if b is None else b._version)
+    def _snapshot(self, i: int, old: _NormBound | None = None) -> tuple[Tensor, Tensor | None]:
+        """Copies of layer i's current weight and bias (reusing ``old``'s buffers)."""
+        return (_copy_into(self._W[i], None if old is None else old.weight),
+                _copy_into(self._b[i], None if old is None else old.bias))
 
     def _norm_bound(self, i: int) -> float:
-        """Certified upper bound on ||[W_i | b_i]||_q: the cached one while the parameters are
-        unchanged since our last update (tensor version counters) and fewer than
-        ``norm_refresh`` increments were added, else exact (:meth:`_exact_norm`)."""
+        """Certified upper bound on ||[W_i | b_i]||_q: the cached one while fewer than
+        ``norm_refresh`` increments were added and the parameters still hold the values this
+        optimizer last wrote (compared with a copy; any change elsewhere -- user code,
+        ``load_state_dict`` -- fails the comparison), else exact (:func:`weight_norm_bound`)."""
         c = self._norm_cache[i]
-        b = self._b[i]
-        if (c is not None and c[1] == self._W[i]._version and c[2] == (0 if b is None else b._version)
-                and c[3] < self.norm_refresh):
-            return c[0]
-        val = self._exact_norm(self._layers[i])
-        self._norm_cache[i] = (val, *self._versions(i), 0)
+        if (c is not None and c.steps < self.norm_refresh
+                and _same(self._W[i], c.weight) and _same(self._b[i], c.bias)):
+            return c.bound
+        val = weight_norm_bound(self._W[i], self._b[i], self.q)
+        self._norm_cache[i] = _NormBound(val, *self._snapshot(i, c), 0)
         return val
 
     def _after_update(self, i: int, step_norm: float) -> None:
         """Certified increment ||W - s Q|| <= ||W|| + s ||Q|| (+ rounding of the stored result)."""
         c = self._norm_cache[i]
         if c is not None:
-            fac = 1.0 + 3.0 * _unit_roundoff(self._W[i].dtype) * self._round_k[i]
-            self._norm_cache[i] = ((c[0] + step_norm) * fac, *self._versions(i), c[3] + 1)
+            # c's copies match the parameters' shapes and dtypes: they were checked against (or
+            # taken from) them by _norm_bound at the start of this step
+            W, b = self._W[i], self._b[i]
+            c.weight.copy_(W.detach())
+            if b is not None:
+                c.bias.copy_(b.detach())
+            bound = incremented_norm_bound(c.bound, step_norm, W.dtype, self._round_k[i])
+            self._norm_cache[i] = _NormBound(bound, c.weight, c.bias, c.steps + 1)
 
     def layer_bounds(self) -> list[float]:
         """p_i(w) of F Prop. 4.3 at the current weights (F eq. 23), from certified norm bounds."""
@@ -349,7 +759,7 @@ class DSGD(torch.optim.Optimizer):
         return check_data(x, z, self.data_bound, rescale=rescale)
 
     # ----------------------------------------------------------------------------------------
-    # per-layer dual norms and directions
+    # the step
     def _grads(self, i: int):
         """(G_W, g_b) of layer i, detached; a missing gradient counts as zero."""
         W, b = self._W[i], self._b[i]
@@ -360,175 +770,14 @@ class DSGD(torch.optim.Optimizer):
         gb = b.grad
         return GW, (torch.zeros_like(b) if gb is None else gb.detach())
 
-    def _prepare(self, i: int, cache: dict):
-        """Dual norm ||g_i||_* (F eq. 26) and what the direction needs, cached per step."""
-        if i in cache:
-            return cache[i]
-        GW, gb = self._grads(i)
-        if self.method == "svd":
-            G = layer_matrix(self._layers[i], grad=True).to(torch.float64)
-            rho, N = duality_map(G, 2, method="svd")
-            info = ("svd", N, rho, None, GW, gb)
-        else:
-            fac = self._factors(i, GW, gb)
-            if fac is not None:
-                A, X = fac
-                core = polar_core(A, X, ones_column=gb is not None)
-                info = ("factored", core.nuclear, core, (A, X), GW, gb)
-            else:
-                G = layer_matrix(self._layers[i], grad=True)
-                transposed = G.shape[0] > G.shape[1]
-                Bm = G.T if transposed else G
-                core = polar_core(None, Bm)
-                info = ("dense", core.nuclear, core, (Bm, transposed), GW, gb)
-        cache[i] = info
-        return info
-
-    def _abs_buffer(self, i: int) -> torch.Tensor | None:
-        """Layer i's persistent buffer for |G_W| when the layer is large (None otherwise; see
-        :mod:`smoothchain.dsgd.sign`)."""
-        W = self._W[i]
-        if W.numel() <= SIGN_INDEX_NUMEL:
-            return None
-        buf = self._abs_bufs.get(i)
-        if buf is None or buf.dtype != W.dtype:
-            buf = self._abs_bufs[i] = torch.empty(W.shape, dtype=W.dtype)
-        return buf
-
-    def _direction(self, i: int, info):
-        """(update function, ip, bound): the step s * Q is applied by ``update(s)``."""
-        kind, N, a, b, GW, gb = info
-        spec = self._layers[i]
-        lin = spec.linear
-        if kind == "svd":
-            rho = a  # F eq. (28), float64; Q = rho / N
-            if N <= 0:
-                return None, 0.0, 1.0
-            Q = rho / N
-            bound = spectral_norm(Q) * (1.0 + 8 * unit_roundoff(torch.float64) * (min(Q.shape) + 1))
-            G = layer_matrix(spec, grad=True).to(torch.float64)
-            ip = float((G * Q).sum()) * (1.0 - gamma_n(G.numel(), torch.float64))
-            Qw = Q.to(GW.dtype)
-
-            def update(s):
-                n_in = spec.in_features
-                lin.weight.add_(Qw[:, :n_in], alpha=-s)
-                if spec.bias:
-                    lin.bias.add_(Qw[:, n_in], alpha=-s)
-            return update, ip, bound
-        core = a
-        if kind == "factored":
-            A, X = b
-            QW, qb, ip, bound = certified_direction(core, A, X, (GW, gb) if gb is not None else GW,
-                                                    bias_column=gb is not None)
-        else:
-            Bm, transposed = b
-            G = layer_matrix(spec, grad=True)
-            Q, _, ip, bound = certified_direction(core, None, Bm, G.T if transposed else G)
-            if Q is not None:
-                Q = Q.T if transposed else Q
-                QW, qb = Q[:, : spec.in_features], (Q[:, spec.in_features] if spec.bias else None)
-            else:
-                QW = qb = None
-        if QW is None:
-            return None, 0.0, 1.0
-
-        def update(s):
-            lin.weight.add_(QW, alpha=-s)
-            if qb is not None:
-                lin.bias.add_(qb, alpha=-s)
-        return update, ip, bound
-
-    def _screen(self, p: list[float], cache: dict) -> list[int]:
-        """Layers that can maximise ||g_i||_* / p_i.  Small layers (min(r, c) <= 64) get their
-        exact nuclear norm at once; a large layer only gets the upper bound
-        ||G||_* <= min(sqrt(rank) ||G||_F, sum_k ||delta_k|| ||[x_k; 1]||) (rank G <= batch; the
-        second is the triangle inequality over the batch's rank-one terms).  A large layer whose
-        upper bound is below a small layer's exact ratio is never the arg max, so its b x b core
-        is not computed.  Large layers left in the race keep the lower bound ||G||_F."""
-        best = 0.0
-        upper: dict[int, float] = {}
-        for i, spec in enumerate(self._layers):
-            r, c = spec.out_features, spec.in_features + (1 if spec.bias else 0)
-            if min(r, c) <= EXACT_NORM_MAX:
-                best = max(best, self._prepare(i, cache)[1] / p[i])
-                continue
-            GW, gb = self._grads(i)
-            fac = self._factors(i, GW, gb)
-            if fac is not None:
-                A, X = fac
-                xn2 = (X * X).sum(dim=1, dtype=torch.float64) + (1.0 if gb is not None else 0.0)
-                an = torch.linalg.vector_norm(A.to(torch.float64), dim=0)
-                upper[i] = float((an * xn2.sqrt()).sum()) * (1.0 + 1e-12) / p[i]
-            else:
-                fro = float(torch.linalg.vector_norm(GW, dtype=torch.float64))
-                if gb is not None:
-                    fro = math.hypot(fro, float(torch.linalg.vector_norm(gb, dtype=torch.float64)))
-                upper[i] = fro * math.sqrt(min(r, c)) * (1.0 + 1e-12) / p[i]
-        return [i for i in range(len(self._layers)) if i not in upper or upper[i] >= best]
-
-    def _greedy_sign(self, p: list[float], duals: list) -> int:
-        """i* = argmax_i ||g_i||_* / p_i (first maximiser), q = 1 / inf (F Algo. 4.1 line 9).
-
-        q = 1 screening: the column maxima of a large gradient are a strided reduction, the
-        slowest pass of the step, so a large layer is first bounded by Cauchy-Schwarz over its c
-        columns, ||G||_{1,*} = sum_j max_i |G_ij| <= sum_j ||G_:j||_2 <= sqrt(c) ||G||_F, from one
-        dot product (rounding: ||G||_F^2 <= fl(G . G) / (1 - gamma_n)).  A layer whose bound / p_i
-        is below another layer's exact ratio cannot be the arg max and is skipped."""
-        best, best_i = -1.0, 0
-        screened = self._screened
-        K = len(screened)
-        for i in range(K):
-            if not screened[i]:
-                r = self._sign_dual(i, duals).norm / p[i]
-                if r > best:
-                    best, best_i = r, i
-        for i in range(K):
-            if not screened[i]:
-                continue
-            GW, gb = self._grads(i)
-            v = GW.reshape(-1)
-            sq = torch.dot(v, v)
-            if gb is not None:
-                sq = sq + torch.dot(gb, gb)
-            if math.sqrt(float(sq)) * self._screen_factor(i, GW.dtype) / p[i] < best:
-                continue
-            r = self._sign_dual(i, duals).norm / p[i]
-            if r > best or (r == best and i < best_i):
-                best, best_i = r, i
-        return best_i
-
-    def _screen_factor(self, i: int, dtype: torch.dtype) -> float:
-        """sqrt(c / (1 - gamma_n)) (1 + 1e-12) for layer i's n = r c entries in ``dtype``, so that
-        ||G||_{1,*} <= factor * sqrt(fl(G . G)); inf where gamma_n is useless (>= 1)."""
-        cached_dtype, fac = self._screen_fac[i]
-        if cached_dtype is not dtype:
-            r, c = self._dims[i]
-            g = gamma_n(r * c, dtype)
-            fac = math.sqrt(c / (1.0 - g)) * (1.0 + 1e-12) if g < 1.0 else math.inf
-            self._screen_fac[i] = (dtype, fac)
-        return fac
-
-    def _sign_dual(self, i: int, duals: list):
-        """||g_i||_* for q = 1 / inf (:func:`smoothchain.dsgd.sign.sign_dual`), stored in duals."""
-        GW, gb = self._grads(i)
-        d = duals[i] = sign_dual(GW, gb, self.q, dense_max=SIGN_INDEX_NUMEL)
-        return d
-
-    def _choose(self, p: list[float], K: int, cache: dict) -> list[int]:
-        if self.variant == "greedy":
-            candidates = list(range(K))
-            if K > 1 and self.method != "svd":
-                candidates = self._screen(p, cache)
-            if len(candidates) == 1:
-                return candidates
-            ratios = {i: self._prepare(i, cache)[1] / p[i] for i in candidates}
-            return [max(candidates, key=lambda i: (ratios[i], -i))]
-        if self.variant == "all":
-            return list(range(K))
-        if self.variant == "random":
-            return [int(torch.randint(K, (1,), generator=self._gen).item())]
-        return [self.state[self._W[0]].get("dsgd_step", 0) % K]
+    def _learning_rates(self) -> list[float]:
+        lrs = []
+        for group in self.param_groups:
+            lr = group["lr"]
+            if type(lr) is not float or not 0.0 < lr < math.inf:
+                _check_lr(lr)
+            lrs.append(lr)
+        return lrs
 
     def step(self, closure=None):
         """One step of F Algo. 4.1; ``closure`` (optional) re-evaluates the objective, calls
@@ -537,84 +786,28 @@ class DSGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        prev = torch.is_grad_enabled()
-        _set_grad_enabled(False)  # what torch.no_grad() does, without its per-call objects
-        try:
+        with torch.set_grad_enabled(False):
             self._step()
-        finally:
-            _set_grad_enabled(prev)
         return loss
 
     def _step(self) -> None:
-        groups = self.param_groups
-        for group in groups:
-            lr = group["lr"]
-            if type(lr) is not float or not 0.0 < lr < math.inf:
-                _check_lr(lr)
+        lrs = self._learning_rates()
         p = self.layer_bounds()
-        if self.q == 2.0:
-            chosen, norms, certified = self._step_polar(p, groups)
-        else:
-            chosen, norms, certified = self._step_sign(p, groups)
+        grads = [self._grads(i) for i in range(len(self._W))]
         state = self.state[self._W[0]]
+        result = dsgd_update(
+            self._W, self._b, [g for g, _ in grads], [g for _, g in grads], p, lrs,
+            q=self.q, variant=self.variant, eps=self.theory_step,
+            bound_scaling=self.bound_scaling, method=self.method,
+            step=state.get("dsgd_step", 0), generator=self._generator,
+            records=self._records if self._hooks else None, probes=self._probes,
+            abs_buffers=self._abs_bufs, screened=self._screened)
+        for i, step_norm in result.step_norms.items():
+            self._after_update(i, step_norm)
         state["dsgd_step"] = state.get("dsgd_step", 0) + 1
         if self._hooks:
             self._clear_records()
-        self.last_layers = [i + 1 for i in chosen]
+        self.last_layers = [i + 1 for i in result.layers]
         self.last_p = p
-        self.last_dual_norms = norms
-        self.last_certified = certified
-
-    def _step_sign(self, p: list[float], groups):
-        """q = 1 / inf: F Algo. 4.1 with the sign duality maps of F eqs. (27) / (29), for which
-        ||Q||_q = 1 and <g_i, Q> = ||g_i||_*: the certified step ip / (p_i^2 * 1^2) is F's
-        1 / p_i^2 (times ||g_i||_*, as rho = ||g_i||_* Q) up to the float64 summation error."""
-        K = len(self._W)
-        duals: list = [None] * K
-        if self.variant == "greedy":
-            chosen = [self._greedy_sign(p, duals)]
-        else:
-            chosen = self._choose(p, K, {})
-        certified: list[float | None] = [None] * K
-        eps, q = self.theory_step, self.q
-        for i in chosen:
-            d = duals[i] if duals[i] is not None else self._sign_dual(i, duals)
-            ip = d.norm * self._sign_ip[i]
-            if not ip > 0.0:
-                certified[i] = 0.0
-                continue
-            scale = groups[i]["lr"] * eps * ip
-            if self.bound_scaling:
-                scale /= p[i] * p[i]
-            apply_sign_step(self._W[i], self._b[i], d, q, scale, buf=self._abs_buffer(i))
-            certified[i] = ip
-            self._after_update(i, scale)
-        return chosen, [None if d is None else d.norm for d in duals], certified
-
-    def _step_polar(self, p: list[float], groups):
-        """q = 2: the polar-factor direction of F eq. (28), certified as in
-        :mod:`smoothchain.dsgd.lowrank` (or by an SVD with ``method="svd"``)."""
-        K = len(self._layers)
-        cache: dict = {}
-        self._fac_cache = {}
-        chosen = self._choose(p, K, cache)
-        certified: list[float | None] = [None] * K
-        eps = self.theory_step
-        for i in chosen:
-            info = cache[i] if i in cache else self._prepare(i, cache)
-            update, ip, bound = self._direction(i, info)
-            if update is None or not ip > 0.0:
-                certified[i] = 0.0
-                continue
-            scale = groups[i]["lr"] * eps * ip / (bound * bound)
-            if self.bound_scaling:
-                scale /= p[i] * p[i]
-            update(scale)
-            certified[i] = ip / bound
-            self._after_update(i, scale * bound)
-        return chosen, [cache[i][1] if i in cache else None for i in range(K)], certified
-
-
-def _check_lr(lr) -> None:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+        self.last_dual_norms = result.dual_norms
+        self.last_certified = result.certified

@@ -33,29 +33,22 @@ import torch
 from torch import nn
 
 from ..oracles import StepResult, gauss_newton_step, newton_step
-from ..oracles.autodiff import SECOND_ORDER_LOSSES, make_loss
+from ..losses import loss_function
+from ..oracles.autodiff import SECOND_ORDER_LOSSES
 
 __all__ = ["GaussNewton", "Newton"]
 
 
-def _positive(name: str, value) -> float:
+def _finite(name: str, value, *, positive: bool) -> float:
+    """``value`` as a float, finite and > 0 (``positive``) or >= 0, else a ValueError naming it."""
     try:
-        value = float(value)
+        x = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
-    return value
-
-
-def _nonnegative(name: str, value) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
-    return value
+        x = math.nan
+    if math.isfinite(x) and (x > 0 if positive else x >= 0):
+        return x
+    kind = "positive" if positive else "non-negative"
+    raise ValueError(f"{name} must be a finite {kind} number, got {value!r}")
 
 
 class _OracleOptimizer(torch.optim.Optimizer):
@@ -76,8 +69,8 @@ class _OracleOptimizer(torch.optim.Optimizer):
         params = list(model.parameters())
         if not params:
             raise ValueError("the model has no parameters: nothing to optimise")
-        defaults = dict(gamma=_positive("gamma", gamma), l2=_nonnegative("l2", l2),
-                        loss=loss, method=method)
+        defaults = dict(gamma=_finite("gamma", gamma, positive=True),
+                        l2=_finite("l2", l2, positive=False), loss=loss, method=method)
         super().__init__(params, defaults)
         self.model = model
         self.last_result: StepResult | None = None
@@ -91,7 +84,7 @@ class _OracleOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _objective(self, x, y, loss: str, l2: float) -> torch.Tensor:
-        value = make_loss(loss, y, x)(self.model(x))
+        value = loss_function(loss, y, x)(self.model(x))
         if l2:
             value = value + 0.5 * l2 * sum((p * p).sum() for p in self.model.parameters())
         return value.detach()
@@ -107,8 +100,8 @@ class _OracleOptimizer(torch.optim.Optimizer):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"the closure's x must be a tensor, got {type(x).__name__}")
         group = self.param_groups[0]
-        gamma = _positive("gamma", group["gamma"])
-        l2 = _nonnegative("l2", group["l2"])
+        gamma = _finite("gamma", group["gamma"], positive=True)
+        l2 = _finite("l2", group["l2"], positive=False)
         loss, method = group["loss"], group["method"]
         value = self._objective(x, y, loss, l2)
         result = type(self)._oracle(self.model, x, y, loss=loss, l2=l2, gamma=gamma, method=method)

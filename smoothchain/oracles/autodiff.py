@@ -14,19 +14,11 @@ and records the vjp closure is done once per oracle and counted apart, in
 :attr:`OracleCounter.forward_passes`; it is not a call.  (``torch.func.jvp`` recomputes the primal
 values along with the tangents inside its single forward-mode sweep; that sweep is one call.)
 
-The objective is F(w) = f(psi(w)) + r(w) with r(w) = l2/2 ||w||^2 and f one of
-
-* ``"square"``:        f(z) = 1/(2m) sum_i ||z_i - y_i||_2^2       (y shaped like the output),
-* ``"cross-entropy"``: f(z) = 1/m  sum_i -log softmax(z_i)[y_i]    (``F.cross_entropy``, mean;
-  y class indices, or class probabilities shaped like the output),
-* ``"autoencoder"``:   the square loss with the inputs as targets, f(z) = 1/(2m) sum_i ||z_i - x_i||^2
-  (RH Sec. 2.2.2; y is not used),
-* ``"convex-clustering"``: RH eq. (25), the Moreau envelope of sum_{i<j} ||y_i - y_j|| (a sum over
-  the batch, as printed; y is not used), value and gradient by the solver of ``losses``; no
-  Hessian, so gradient steps only,
-
-m = the batch size (first dimension of the output).  Derivatives of f alone (grad f, Hessian-
-vector products) are not chain sweeps and are not counted (RH Prop. 3.5's proof ignores them).
+The objective is F(w) = f(psi(w)) + r(w) with r(w) = l2/2 ||w||^2 and f a row of the loss table
+(:mod:`smoothchain.losses`: ``"square"``, ``"cross-entropy"``, ``"autoencoder"``,
+``"convex-clustering"``; the last has no Hessian, so gradient steps only), m = the batch size
+(first dimension of the output).  Derivatives of f alone (grad f, Hessian-vector products) are
+not chain sweeps and are not counted (RH Prop. 3.5's proof ignores them).
 """
 
 from __future__ import annotations
@@ -35,18 +27,16 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .losses import autoencoder_loss, convex_clustering
+from ..losses import loss_names
 
 __all__ = [
     "LOSSES",
     "SECOND_ORDER_LOSSES",
     "OracleCounter",
     "AutodiffOracle",
-    "make_loss",
     "loss_grad",
     "loss_hvp",
     "loss_hessian",
@@ -54,8 +44,9 @@ __all__ = [
     "flat_dot",
 ]
 
-LOSSES = ("square", "cross-entropy", "autoencoder", "convex-clustering")
-SECOND_ORDER_LOSSES = ("square", "cross-entropy", "autoencoder")   # with a Hessian: GN, Newton
+#: the losses the step oracles accept, and those with a Hessian (Gauss-Newton, Newton)
+LOSSES = loss_names(certified=True)
+SECOND_ORDER_LOSSES = loss_names(certified=True, second_order=True)
 
 Params = tuple[torch.Tensor, ...]
 
@@ -72,45 +63,6 @@ class OracleCounter:
     def calls(self) -> int:
         """Autodiff calls: backward sweeps plus linearisation sweeps."""
         return self.backward_calls + self.linearize_calls
-
-
-def make_loss(loss: str, y: torch.Tensor | None, x: torch.Tensor | None = None
-              ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The loss f(z) for the batch output z (shape (m, ...)); ``x`` (the inputs) is needed by
-    ``"autoencoder"``, ``y`` by the supervised losses."""
-    if loss == "square":
-        if y is None:
-            raise ValueError("the square loss needs targets y")
-
-        def f(z: torch.Tensor) -> torch.Tensor:
-            if z.shape != y.shape:
-                raise ValueError(
-                    f"square loss needs targets shaped like the output {tuple(z.shape)}, "
-                    f"got {tuple(y.shape)}")
-            return 0.5 * ((z - y) ** 2).sum() / z.shape[0]
-
-    elif loss == "cross-entropy":
-        if y is None:
-            raise ValueError("the cross-entropy loss needs targets y")
-
-        def f(z: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(z, y, reduction="mean")
-
-    elif loss == "autoencoder":
-        if x is None:
-            raise ValueError("the autoencoder loss needs the inputs x (its targets)")
-
-        def f(z: torch.Tensor) -> torch.Tensor:
-            return autoencoder_loss(z, x)
-
-    elif loss == "convex-clustering":
-
-        def f(z: torch.Tensor) -> torch.Tensor:
-            return convex_clustering(z)
-
-    else:
-        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    return f
 
 
 def loss_grad(f: Callable, z: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """The three oracle steps of RH eqs. (12)-(14) on an ``nn.Sequential`` chain (public API).
 
-Objective F(w) = f(psi(w)) + r(w), r(w) = l2/2 ||w||^2 over all parameters, f the loss
-(``autodiff.make_loss``): "square", "cross-entropy" (batch means), "autoencoder" (the square
-loss with targets x; y is not used) for every step, and "convex-clustering" (RH eq. (25), a
-Moreau envelope with no Hessian; y is not used) for the gradient step only.  Each function returns the direction w~* = w_{t+1} - w_t of
+Objective F(w) = f(psi(w)) + r(w), r(w) = l2/2 ||w||^2 over all parameters, f a row of
+the loss table (:mod:`smoothchain.losses`): "square", "cross-entropy" (batch means),
+"autoencoder" (the square loss with targets x; y is not used) for every step, and
+"convex-clustering" (RH eq. (25), a Moreau envelope with no Hessian; y is not used) for the
+gradient step only.  Each function returns the direction w~* = w_{t+1} - w_t of
 
 * gradient (12):     argmin  <grad (f o psi)(w_t), w~> + <l2 w_t, w~> + 1/(2 gamma)||w~||^2
                      = -gamma (grad (f o psi)(w_t) + l2 w_t);
@@ -37,7 +38,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .autodiff import LOSSES, SECOND_ORDER_LOSSES, OracleCounter, make_loss
+from ..losses import loss_function
+from .autodiff import LOSSES, SECOND_ORDER_LOSSES, OracleCounter
 from .dense import dense_gauss_newton, dense_gradient, dense_newton
 from .dual import gauss_newton_dual
 from .lq import assemble_lq, gradient_dp, solve_lq
@@ -91,7 +93,7 @@ def _by_dp(model, x, f, l2, gamma, kind, counter):
 def gradient_step(model, x, y, *, loss, l2=0.0, gamma, method="dp") -> StepResult:
     """Gradient step (12): direction -gamma (grad (f o psi)(w_t) + l2 w_t); one oracle call by DP."""
     gamma, l2 = _check(model, loss, l2, gamma, method, ("dp", "dense"))
-    f, counter = make_loss(loss, y, x), OracleCounter()
+    f, counter = loss_function(loss, y, x), OracleCounter()
     if method == "dp":
         direction = gradient_dp(model, x, f, l2, gamma, counter)
     else:
@@ -102,7 +104,7 @@ def gradient_step(model, x, y, *, loss, l2=0.0, gamma, method="dp") -> StepResul
 def gauss_newton_step(model, x, y, *, loss, l2=0.0, gamma, method="dual") -> StepResult:
     """Regularised Gauss-Newton step (13); by the dual it uses <= 2q+1 oracle calls (Prop. 3.5)."""
     gamma, l2 = _check(model, loss, l2, gamma, method, ("dual", "dp", "dense"), SECOND_ORDER_LOSSES)
-    f, counter = make_loss(loss, y, x), OracleCounter()
+    f, counter = loss_function(loss, y, x), OracleCounter()
     if method == "dual":
         direction, _ = gauss_newton_dual(model, x, f, l2, gamma, counter)
         feasible = True
@@ -116,7 +118,7 @@ def gauss_newton_step(model, x, y, *, loss, l2=0.0, gamma, method="dual") -> Ste
 def newton_step(model, x, y, *, loss, l2=0.0, gamma, method="dp") -> StepResult:
     """Newton step (14) by DP (Algo. 4), halving gamma until the step problem is strongly convex."""
     gamma, l2 = _check(model, loss, l2, gamma, method, ("dp", "dense"), SECOND_ORDER_LOSSES)
-    f, counter = make_loss(loss, y, x), OracleCounter()
+    f, counter = loss_function(loss, y, x), OracleCounter()
     if method == "dp":
         direction, gamma, feasible = _by_dp(model, x, f, l2, gamma, "newton", counter)
     else:

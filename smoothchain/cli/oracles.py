@@ -3,14 +3,14 @@ vs measured (FlopCounterMode's formulas) costs of a chain's forward/backward pas
 steps -- a thin layer over :func:`smoothchain.complexity.complexity_report`
 (docs/complexity.md).
 
-Registered through ``smoothchain.cli.PLUGIN_COMMANDS``; PyTorch is imported inside the handler.
+Registered through ``smoothchain.cli.main.SUBCOMMANDS``; PyTorch is imported inside the handler.
 """
 
 from __future__ import annotations
 
-import json
-
-from .cli_types import integer, real
+from ..report import fmt_number
+from .common import emit, errors_as_cli, format_table, load_model
+from .options import integer, real
 
 __all__ = ["register", "format_report"]
 
@@ -39,23 +39,18 @@ def register(sub) -> None:
 
 
 def _fmt(x) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        return f"{x:.3g}"
-    return f"{x:,}".replace(",", " ") if abs(x) >= 10_000 else str(x)
+    """Counts exactly (thousands separated by spaces from 10 000 on), other numbers to 3 digits."""
+    if isinstance(x, int) and abs(x) >= 10_000:
+        return f"{x:,}".replace(",", " ")
+    return str(x) if isinstance(x, int) else fmt_number(x, ".3g")
 
 
 def _ratio(a, b) -> str:
-    return "-" if not b else f"{a / b:.4g}"
+    return "-" if not b else fmt_number(a / b, ".4g")
 
 
 def _table(rows) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.rjust(widths[i]) if i > 1 else c.ljust(widths[i]) for i, c in enumerate(r)).rstrip()
-             for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return lines
+    return format_table(rows, right=lambda i: i > 1)
 
 
 def format_report(doc: dict) -> str:
@@ -92,33 +87,12 @@ def format_report(doc: dict) -> str:
 
 
 def _cmd_complexity(args) -> int:
-    from .certificate import parse_input_shape
-    from .cli import CLIError, load_module
-    from .complexity import complexity_report
+    from ..complexity import complexity_report
 
-    if args.module:
-        model, name = load_module(args.module), args.module
-        shape = parse_input_shape(args.input_shape) if args.input_shape else getattr(model, "input_shape", None)
-        if shape is None:
-            raise CLIError("--module needs --input-shape (per example, e.g. 1,8,8 or 64)")
-    else:
-        import torch
-
-        from .models import builtin
-        from .torch_chain import torch_module
-
-        torch.manual_seed(args.seed)
-        spec = builtin(args.model)
-        model, name = torch_module(spec.components, spec.names), args.model
-        shape = parse_input_shape(args.input_shape) if args.input_shape else spec.input_shape
-    try:
+    model, name, shape = load_model(args.model, args.module, input_shape=args.input_shape, seed=args.seed,
+                                    shape_example="1,8,8 or 64")
+    with errors_as_cli(ValueError, TypeError, RuntimeError, first_line=True, with_type=True):
         doc = complexity_report(model, shape, args.batch_size, loss=args.loss, seed=args.seed, l2=args.l2,
                                 gamma=args.gamma, steps=not args.no_steps)
-    except (ValueError, TypeError, RuntimeError) as err:
-        raise CLIError(f"{type(err).__name__}: {err}".splitlines()[0]) from None
     doc = {"model": name, **doc}
-    if args.json:
-        print(json.dumps(doc))
-    else:
-        print(format_report(doc))
-    return 0
+    return emit(args.json, doc, lambda: format_report(doc))

@@ -6,9 +6,10 @@ imported only inside the handlers.  See ``docs/train.md``.
 
 from __future__ import annotations
 
-import json
 import math
-import sys
+
+from .common import CLIError, emit, errors_as_cli
+from .options import layer_norm
 
 __all__ = ["register"]
 
@@ -21,22 +22,11 @@ _SECOND_ORDER_HIDDEN = 32      # Newton by DP holds (rho_l + delta_l)^2 dense en
 _SECOND_ORDER_BATCH = 64
 
 
-def _q(text: str) -> float:
-    t = text.strip().lower()
-    if t in ("inf", "infinity"):
-        return math.inf
-    if t in ("1", "2"):
-        return float(t)
-    import argparse
-
-    raise argparse.ArgumentTypeError(f"q must be 1, 2 or inf, got {text!r}")
-
-
 def register(sub) -> None:
     t = sub.add_parser("train", help="train F Sec. 5's network with DSGD or a baseline (metrics, "
                                      "checkpoints, --resume, figures)")
     t.add_argument("--optimizer", choices=_OPTIMIZERS, default="dsgd")
-    t.add_argument("--q", type=_q, default=2.0, help="layer norm: 1, 2 or inf (F Prop. 4.5)")
+    t.add_argument("--q", type=layer_norm, default=2.0, help="layer norm: 1, 2 or inf (F Prop. 4.5)")
     t.add_argument("--data", default="digits", help="digits, mnist1d or a directory with MNIST, "
                    "Fashion-MNIST, CIFAR-10 or SVHN files")
     t.add_argument("--hidden", type=int, default=None,
@@ -83,17 +73,10 @@ def register(sub) -> None:
     e.set_defaults(handler=_cmd_experiment)
 
 
-def _dataset_error(exc):
-    from .cli import CLIError
-
-    return CLIError(str(exc))
-
-
 def _cmd_train(args) -> int:
-    from .cli import CLIError
-    from .data import DatasetNotFoundError
-    from .distributed import in_torchrun
-    from .train import TrainConfig, train
+    from ..data import DatasetNotFoundError
+    from ..distributed import in_torchrun
+    from ..train import LAYERWISE, TrainConfig, train
 
     second_order = args.optimizer in ("gauss-newton", "newton")
     if args.hidden is None:
@@ -119,53 +102,40 @@ def _cmd_train(args) -> int:
     ctx = None
     try:
         if cfg.distributed:
-            from .distributed import Context
+            from ..distributed import Context
 
             ctx = Context.from_env()
-        summary = train(cfg, progress=True, dist_ctx=ctx)
-    except DatasetNotFoundError as exc:
-        raise _dataset_error(exc) from None
-    except (ValueError, FileNotFoundError) as exc:
-        raise CLIError(str(exc)) from None
+        with errors_as_cli(DatasetNotFoundError, ValueError, FileNotFoundError):
+            summary = train(cfg, progress=True, dist_ctx=ctx)
     finally:
         if ctx is not None:
             ctx.close()
     if ctx is None or ctx.rank == 0:
-        if args.json:
-            print(json.dumps(summary))
-        else:
-            f = summary["final"] or {}
-            from .train import LAYERWISE
-
-            layerwise = summary["optimizer"] in LAYERWISE
-            head = f"{summary['optimizer']} q={summary['q']}" if layerwise else summary["optimizer"]
-            tail = f", layer updates {summary['counts']}" if layerwise else ""
-            print(f"{head}: {summary['steps']} steps, train error {f.get('train_error')}, test accuracy "
-                  f"{f.get('test_accuracy')}{tail}", file=sys.stdout)
+        f = summary["final"] or {}
+        layerwise = summary["optimizer"] in LAYERWISE
+        head = f"{summary['optimizer']} q={summary['q']}" if layerwise else summary["optimizer"]
+        tail = f", layer updates {summary['counts']}" if layerwise else ""
+        emit(args.json, summary, f"{head}: {summary['steps']} steps, train error {f.get('train_error')}, test accuracy "
+                                 f"{f.get('test_accuracy')}{tail}")
     return 0
 
 
 def _cmd_experiment(args) -> int:
-    from .cli import CLIError
-    from .data import DatasetNotFoundError
+    from ..data import DatasetNotFoundError
 
     if args.which == "prop21":
-        from .experiments import prop21
+        from ..experiments import prop21
 
         if args.points < 2 or not args.eps_max > 0:
             raise CLIError("--points must be >= 2 and --eps-max > 0")
         res = prop21(args.out or "prop21", eps_max=args.eps_max, points=args.points)
-        if args.json:
-            print(json.dumps(res))
-        else:
-            last = res["rows"][-1]
-            print(f"eps={last['eps']:g}: ||H||={last['hessian_norm']:.4g}, blocks {last['block_norms']}, "
-                  f"p_i^2 {last['p_squared']}; figure {res['figures']}")
-        return 0
-    from .experiments import dsgd_experiment
+        last = res["rows"][-1]
+        return emit(args.json, res, f"eps={last['eps']:g}: ||H||={last['hessian_norm']:.4g}, blocks "
+                                    f"{last['block_norms']}, p_i^2 {last['p_squared']}; figure {res['figures']}")
+    from ..experiments import dsgd_experiment
 
     try:
-        qs = [_q(t) for t in args.qs.split(",") if t.strip()]
+        qs = [layer_norm(t) for t in args.qs.split(",") if t.strip()]
         grid = [float(t) for t in args.grid.split(",") if t.strip()]
     except Exception as exc:  # argparse.ArgumentTypeError or ValueError
         raise CLIError(f"bad --qs or --grid: {exc}") from None
@@ -174,18 +144,10 @@ def _cmd_experiment(args) -> int:
     for name in ("batch_steps", "minibatch_steps", "tune_steps", "batch_size", "hidden", "eval_every"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1")
-    try:
+    with errors_as_cli(DatasetNotFoundError, ValueError):
         res = dsgd_experiment(args.data, out=args.out or "dsgd-experiment", hidden=args.hidden,
                               batch_steps=args.batch_steps, minibatch_steps=args.minibatch_steps,
                               tune_steps=args.tune_steps, batch_size=args.batch_size, qs=qs,
                               grid=grid, limit=args.limit, seed=args.seed,
                               eval_every=args.eval_every, progress=True)
-    except DatasetNotFoundError as exc:
-        raise _dataset_error(exc) from None
-    except ValueError as exc:
-        raise CLIError(str(exc)) from None
-    if args.json:
-        print(json.dumps(res))
-    else:
-        print(f"report: {res['report']}")
-    return 0
+    return emit(args.json, res, f"report: {res['report']}")

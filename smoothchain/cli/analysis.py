@@ -1,23 +1,24 @@
 """``smoothchain pl`` and ``smoothchain rates``: thin command-line layers over
 :mod:`smoothchain.pl` and :mod:`smoothchain.rates` (docs/pl.md, docs/rates.md).
 
-Registered through ``smoothchain.cli.PLUGIN_COMMANDS``; PyTorch is imported inside handlers only.
+Registered through ``smoothchain.cli.main.SUBCOMMANDS``; PyTorch is imported inside handlers only.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 
-from .cli_types import integer, real
+from ..components import Linear, Tanh
+from ..models import BuiltinModel
+from ..spec import json_number
+from .common import CLIError, emit, errors_as_cli, load_model
+from .options import integer, real
 
 __all__ = ["register"]
 
-
-def _num(x):
-    return "inf" if isinstance(x, float) and math.isinf(x) else x
-
+#: the built-in ``mlp`` (64-32-10 tanh) and this wider one are the models of ``pl`` and ``rates noise``
+WIDE = BuiltinModel("wide", (Linear(64, 256), Tanh(), Linear(256, 10)), ("fc1", "fc1.act", "fc2"), (64,))
 
 _pos_float = real(0.0, strict=True, finite=True)
 _nonneg_float = real(0.0, finite=True)
@@ -44,25 +45,10 @@ def register(sub) -> None:
 
     r = sub.add_parser("rates", help="SGD / PL / RH Thm 4.1 rate calculators and a gradient-noise estimator")
     rs = r.add_subparsers(dest="rate", required=True, metavar="KIND")
-    s = rs.add_parser("sgd", help="E min ||grad||^2 <= 2 Delta/(eta T) + beta eta sigma^2")
-    s.add_argument("--delta", type=_nonneg_float, required=True)
-    s.add_argument("--beta", type=_pos_float, required=True)
-    s.add_argument("--eta", type=_pos_float, help="step size (default: the best one <= 1/beta for T)")
-    s.add_argument("--iterations", type=_int(1), required=True, metavar="T")
-    s.add_argument("--sigma2", type=_nonneg_float, default=0.0)
-    s.add_argument("--target", type=_pos_float, help="also: iterations needed for E min ||grad||^2 <= TARGET")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(handler=_cmd_sgd)
-    q = rs.add_parser("pl", help="E L_T - L* <= Delta (1 - mu eta)^T + beta eta sigma^2/(2 mu)")
-    q.add_argument("--delta", type=_nonneg_float, required=True)
-    q.add_argument("--beta", type=_pos_float, required=True)
-    q.add_argument("--mu", type=_pos_float, required=True)
-    q.add_argument("--eta", type=_pos_float, help="step size (default 1/beta)")
-    q.add_argument("--iterations", type=_int(0), required=True, metavar="T")
-    q.add_argument("--sigma2", type=_nonneg_float, default=0.0)
-    q.add_argument("--target", type=_pos_float, help="also: iterations needed for E L_T - L* <= TARGET")
-    q.add_argument("--json", action="store_true")
-    q.set_defaults(handler=_cmd_plrate)
+    _rate_parser(rs, "sgd", "E min ||grad||^2 <= 2 Delta/(eta T) + beta eta sigma^2", _cmd_sgd, min_iterations=1,
+                 eta="step size (default: the best one <= 1/beta for T)", target="E min ||grad||^2")
+    _rate_parser(rs, "pl", "E L_T - L* <= Delta (1 - mu eta)^T + beta eta sigma^2/(2 mu)", _cmd_plrate,
+                 min_iterations=0, eta="step size (default 1/beta)", target="E L_T - L*", mu=True)
     g = rs.add_parser("gd", help="RH Thm 4.1: ceil(2 L_F Delta / epsilon^2) projected-GD iterations")
     g.add_argument("--smoothness", type=_nonneg_float, required=True, metavar="L_F")
     g.add_argument("--delta", type=_nonneg_float, required=True)
@@ -81,33 +67,40 @@ def register(sub) -> None:
     n.set_defaults(handler=_cmd_noise)
 
 
+def _rate_parser(rs, kind: str, help: str, handler, *, min_iterations: int, eta: str, target: str, mu: bool = False):
+    """A ``rates sgd`` / ``rates pl`` parser: Delta, beta (and mu), eta, T, sigma^2, a target."""
+    p = rs.add_parser(kind, help=help)
+    p.add_argument("--delta", type=_nonneg_float, required=True)
+    p.add_argument("--beta", type=_pos_float, required=True)
+    if mu:
+        p.add_argument("--mu", type=_pos_float, required=True)
+    p.add_argument("--eta", type=_pos_float, help=eta)
+    p.add_argument("--iterations", type=_int(min_iterations), required=True, metavar="T")
+    p.add_argument("--sigma2", type=_nonneg_float, default=0.0)
+    p.add_argument("--target", type=_pos_float, help=f"also: iterations needed for {target} <= TARGET")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=handler)
+
+
 def _mlp(name: str, seed: int):
+    """The seeded float64 module of ``mlp`` or ``wide`` (:data:`WIDE`)."""
     import torch
-    from torch import nn
 
-    widths = {"mlp": 32, "wide": 256}
-    if name not in widths:
-        from .cli import CLIError
-
+    if name not in ("mlp", "wide"):
         raise CLIError(f"unknown model {name!r}; choose mlp or wide (or use --module)")
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, widths[name]), nn.Tanh(), nn.Linear(widths[name], 10)).double()
+    return load_model(WIDE if name == "wide" else name, seed=seed, dtype=torch.float64).module
 
 
 def _data(kind: str, n: int, shape, seed: int):
     import torch
 
     if kind == "digits":
-        from .data import digits
+        from ..data import digits
 
         if tuple(shape) != (64,):
-            from .cli import CLIError
-
             raise CLIError(f"--data digits gives 64 inputs per example; the model expects {tuple(shape)}")
         ds = digits(dtype=torch.float64, seed=seed)
         if n > ds.x_train.shape[0]:
-            from .cli import CLIError
-
             raise CLIError(f"digits has {ds.x_train.shape[0]} training examples, asked for {n}")
         return ds.x_train[:n], ds.labels_train[:n], ds.y_train[:n]
     gen = torch.Generator().manual_seed(seed)
@@ -116,35 +109,29 @@ def _data(kind: str, n: int, shape, seed: int):
     return x, labels, torch.nn.functional.one_hot(labels, 10).double()
 
 
+def _jsonable(v):
+    """Floats as :func:`~smoothchain.spec.json_number` (infinities as "inf"), in dicts too."""
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    return json_number(v) if isinstance(v, float) else v
+
+
 def _emit(args, doc: dict, text: str) -> int:
-    if args.json:
-        print(json.dumps({k: _num(v) if not isinstance(v, dict) else {a: _num(b) for a, b in v.items()}
-                          for k, v in doc.items()}))
-    else:
-        print(text)
-    return 0
+    return emit(args.json, _jsonable(doc), text)
 
 
 def _cmd_pl(args) -> int:
-    from .cli import CLIError
+    import torch
 
-    from .estimators import functional_chain
-    from .pl import mse_pl_constant, pl_over_ball
+    from ..estimators import functional_chain
+    from ..pl import mse_pl_constant, pl_over_ball
 
     if args.module:
-        from .cli import load_module
-
-        model = load_module(args.module).double()
-        shape = getattr(model, "input_shape", None)
-        if args.input_shape:
-            from .certificate import parse_input_shape
-
-            shape = parse_input_shape(args.input_shape)
-        if shape is None:
-            shape = (64,) if args.data == "digits" else None
+        model, name, shape = load_model(module=args.module, input_shape=args.input_shape, dtype=torch.float64)
+        if shape is None and args.data == "digits":
+            shape = (64,)
         if shape is None:
             raise CLIError("--module with --data random needs --input-shape")
-        name = args.module
     else:
         name = args.model or "mlp"
         model, shape = _mlp(name, args.seed), (64,)
@@ -173,16 +160,12 @@ def _cmd_pl(args) -> int:
 
 
 def _wrap(fn, *a, **k):
-    from .cli import CLIError
-
-    try:
+    with errors_as_cli(ValueError):
         return fn(*a, **k)
-    except ValueError as err:
-        raise CLIError(str(err)) from None
 
 
 def _cmd_sgd(args) -> int:
-    from .rates import sgd_best_step, sgd_bound, sgd_iterations
+    from ..rates import sgd_best_step, sgd_bound, sgd_iterations
 
     eta = args.eta if args.eta is not None else _wrap(sgd_best_step, args.delta, args.iterations, args.beta, args.sigma2)
     bound = _wrap(sgd_bound, args.delta, eta, args.iterations, args.beta, args.sigma2)
@@ -197,7 +180,7 @@ def _cmd_sgd(args) -> int:
 
 
 def _cmd_plrate(args) -> int:
-    from .rates import pl_bound, pl_iterations
+    from ..rates import pl_bound, pl_iterations
 
     eta = args.eta if args.eta is not None else 1.0 / args.beta
     bound = _wrap(pl_bound, args.delta, eta, args.iterations, args.beta, args.mu, args.sigma2)
@@ -212,7 +195,7 @@ def _cmd_plrate(args) -> int:
 
 
 def _cmd_gd(args) -> int:
-    from .rates import gd_iterations
+    from ..rates import gd_iterations
 
     its = _wrap(gd_iterations, args.smoothness, args.delta, args.epsilon)
     doc = {"kind": "gd", "smoothness": args.smoothness, "delta": args.delta, "epsilon": args.epsilon,
@@ -221,7 +204,7 @@ def _cmd_gd(args) -> int:
 
 
 def _cmd_noise(args) -> int:
-    from .rates import gradient_noise
+    from ..rates import gradient_noise
 
     model = _mlp(args.model, args.seed)
     x, labels, onehot = _data(args.data, args.examples, (64,), args.seed)

@@ -10,7 +10,7 @@ import argparse
 import math
 from typing import Callable
 
-__all__ = ["real", "integer"]
+__all__ = ["real", "integer", "layer_norm"]
 
 
 def real(low: float = 0.0, *, strict: bool = False, finite: bool = False) -> Callable[[str], float]:
@@ -45,3 +45,13 @@ def integer(low: int = 1) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def layer_norm(text: str) -> float:
+    """The layer norm q of DSGD (F Prop. 4.5): 1, 2 or inf."""
+    t = text.strip().lower()
+    if t in ("inf", "infinity"):
+        return math.inf
+    if t in ("1", "2"):
+        return float(t)
+    raise argparse.ArgumentTypeError(f"q must be 1, 2 or inf, got {text!r}")

@@ -1,5 +1,5 @@
-"""Unsupervised objectives of RH Sec. 2.2.2 and App. B.2: the auto-encoder loss and the convex-
-clustering objective (eq. (25)), as functions f of the batch output z = psi(w) (shape (n, ...)).
+"""The convex-clustering objective of RH Sec. 2.2.2 and App. B.2 (eq. (25)), as a function f of
+the batch output z = psi(w) (shape (n, ...)); its row in the loss table is in :mod:`smoothchain.losses`.
 
 Convex clustering (RH eq. (25), Prop. B.1).  With z_i the i-th example's output (flattened),
 
@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["ClusteringResult", "convex_clustering_prox", "convex_clustering", "autoencoder_loss"]
+__all__ = ["ClusteringResult", "convex_clustering_prox", "convex_clustering"]
 
 
 @dataclass(frozen=True)
@@ -197,13 +197,3 @@ def convex_clustering(z: torch.Tensor, *, tol: float | None = None,
     """The convex-clustering objective (RH eq. (25)) of the batch output z, differentiable once."""
     value, _ = _ConvexClustering.apply(z, tol, max_iter)
     return value
-
-
-def autoencoder_loss(z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Auto-encoder objective: the square loss 1/(2m) sum_i ||z_i - x_i||^2 with the inputs as targets
-    (each example's output must have as many entries as its input; x is reshaped like z)."""
-    m = z.shape[0]
-    if x.shape[0] != m or x[0].numel() != z[0].numel():
-        raise ValueError(f"the auto-encoder needs an output with as many entries per example as "
-                         f"the input: output {tuple(z.shape)}, input {tuple(x.shape)}")
-    return 0.5 * ((z - x.reshape(z.shape)) ** 2).sum() / m

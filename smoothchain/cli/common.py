@@ -1,0 +1,129 @@
+"""What the ``smoothchain`` subcommands share (torch-free at import): the error type, the
+optional-dependency message, model loading, tables and output.
+
+Subcommand modules import from here and from :mod:`smoothchain.cli.options` only, never from
+:mod:`smoothchain.cli.main` or the package (no import cycle).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
+
+__all__ = ["CLIError", "OPTIONAL_DEPENDENCIES", "optional_dependency_message", "load_module", "load_model",
+           "LoadedModel", "errors_as_cli", "format_table", "emit"]
+
+
+class CLIError(Exception):
+    """Bad command-line input: printed as one line, exit status 2."""
+
+
+#: top-level modules of the "data" extra (pyproject.toml): a command that needs a missing one
+#: fails with a one-line error naming it
+OPTIONAL_DEPENDENCIES = ("sklearn", "scipy", "mnist1d")
+
+
+def optional_dependency_message(err: ModuleNotFoundError) -> str | None:
+    """The one-line error for a missing module of the "data" extra, None for any other module."""
+    if err.name and err.name.split(".")[0] in OPTIONAL_DEPENDENCIES:
+        return f"{err} -- install the optional dependencies with pip install 'smoothchain[data]'"
+    return None
+
+
+def load_module(ref: str):
+    """``FILE.py:FACTORY`` -> the nn.Module returned by FACTORY()."""
+    path_text, sep, factory = ref.rpartition(":")
+    if not sep or not path_text or not factory:
+        raise CLIError(f"--module must look like FILE.py:FACTORY, got {ref!r}")
+    path = Path(path_text)
+    if not path.is_file():
+        raise CLIError(f"--module file not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"smoothchain_user_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise CLIError(f"cannot import {path} as a Python module")
+    mod = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as err:
+        raise CLIError(f"importing {path} failed: {type(err).__name__}: {err}") from None
+    fn = getattr(mod, factory, None)
+    if fn is None or not callable(fn):
+        raise CLIError(f"{path} has no callable {factory!r}")
+    try:
+        model = fn()
+    except Exception as err:
+        raise CLIError(f"{path}:{factory}() failed: {type(err).__name__}: {err}") from None
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise CLIError(f"{path}:{factory}() returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+class LoadedModel(NamedTuple):
+    module: Any  # torch.nn.Module
+    name: str
+    input_shape: tuple[int, ...] | None  # per example; None: unknown
+
+
+def load_model(
+    model: Any = None,
+    module: str | None = None,
+    *,
+    input_shape: str | Sequence[int] | None = None,
+    seed: int = 0,
+    bn_eps: float = 1e-5,
+    dtype: Any = None,
+    shape_example: str | None = None,
+) -> LoadedModel:
+    """The PyTorch module of ``--module FILE.py:FACTORY`` or of ``--model`` (a built-in name or
+    :class:`~smoothchain.models.BuiltinModel`, weights of :func:`~smoothchain.certificate.seeded_module`).
+
+    The input shape is ``input_shape`` (``--input-shape``), else the model's (a module's
+    ``input_shape`` attribute), else None -- or, with ``shape_example`` (e.g. ``"3,32,32 or
+    784"``), a :class:`CLIError` asking for ``--input-shape``.  ``dtype``: a ``torch.dtype``
+    to convert the module to.
+    """
+    from ..certificate import parse_input_shape, seeded_module
+    from ..models import builtin
+
+    if module:
+        net, name = load_module(module), module
+        default = getattr(net, "input_shape", None)
+    else:
+        arch = builtin(model, bn_eps=bn_eps) if isinstance(model, str) else model
+        net, name, default = seeded_module(arch, seed=seed), arch.name, arch.input_shape
+    if dtype is not None:
+        net = net.to(dtype)
+    shape = parse_input_shape(input_shape) if input_shape else default
+    if shape is None and shape_example is not None:
+        raise CLIError(f"--module needs --input-shape (per example, e.g. {shape_example})")
+    return LoadedModel(net, name, None if shape is None else tuple(shape))
+
+
+@contextmanager
+def errors_as_cli(*types: type[BaseException], first_line: bool = False, with_type: bool = False) -> Iterator[None]:
+    """Re-raise the library's errors of ``types`` as one-line :class:`CLIError`\\ s."""
+    try:
+        yield
+    except types as err:
+        text = f"{type(err).__name__}: {err}" if with_type else str(err)
+        raise CLIError(text.splitlines()[0] if first_line and text else text) from None
+
+
+def format_table(rows: Sequence[Sequence[str]], right: Callable[[int], bool] = lambda i: False) -> list[str]:
+    """Aligned columns (column ``i`` right-aligned where ``right(i)``), a dashed rule under the header."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(widths[i]) if right(i) else c.ljust(widths[i]) for i, c in enumerate(row)).rstrip()
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def emit(as_json: bool, doc: Any, text: str | Callable[[], str]) -> int:
+    """Print ``doc`` as one JSON document (``--json``) or the human-readable ``text``; exit status 0."""
+    print(json.dumps(doc) if as_json else (text() if callable(text) else text))
+    return 0

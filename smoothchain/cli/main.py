@@ -1,0 +1,61 @@
+"""Command-line interface: a thin layer over the library (DESIGN.md).
+
+``smoothchain certify``   certified bounds of a chain (RH Prop. 4.4 / Cor. 4.5, Prop. 4.2, Thm 4.1)
+``smoothchain check``     estimates on C that the certificate must survive (exit 3 on violation)
+``smoothchain vgg-study`` RH Sec. 5: VGG / VGG-smooth / VGG-bn table, claims and bar chart
+``smoothchain pl``, ``rates``, ``train``, ``experiment``, ``complexity``: see their modules
+
+Every subcommand accepts ``--json`` (one JSON document on stdout) and exits with status 2 and a
+one-line error on bad input.  PyTorch is imported only when a module must be loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from ..chain import ChainError
+from . import analysis, certify, oracles, train
+from .common import CLIError, optional_dependency_message
+
+__all__ = ["main", "build_parser"]
+
+
+# Modules that add subcommands: each defines ``register(subparsers)``, which adds its parser(s)
+# and sets ``handler=`` (a function of the parsed args returning the exit status) with
+# ``set_defaults``.  They import torch only inside their handlers, so that ``certify`` with a
+# built-in or spec model stays torch-free, and they import from ``common``/``options`` and the
+# library only (never from this module).
+SUBCOMMANDS = (certify, analysis, train, oracles)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="smoothchain",
+        description="Smoothness certificates for chains of layers (Roulet & Harchaoui).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in SUBCOMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ChainError, CLIError) as err:
+        print(f"smoothchain: error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:
+        # an optional dependency (scikit-learn, scipy, mnist1d: the "data" extra) is missing
+        message = optional_dependency_message(err)
+        if message is None:
+            raise
+        print(f"smoothchain: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
