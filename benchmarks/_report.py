@@ -1,8 +1,24 @@
-"""Shared by the benchmark scripts: print the result as one JSON line, optionally save it."""
+"""Shared by the benchmark scripts: their common options, and the result as one JSON line
+(optionally saved)."""
 
 from __future__ import annotations
 
+import argparse
 import json
+
+import torch
+
+
+def parse_args(ap: argparse.ArgumentParser, argv=None, *, repeats: int = 3) -> argparse.Namespace:
+    """Add the options the timing benchmarks share (``--repeats``, ``--threads``, ``--seed``,
+    ``--out``) to ``ap``, parse ``argv`` and set torch's intra-op threads to ``--threads``."""
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="also write the JSON line to this file")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def emit(doc: dict, out: str | None = None) -> dict:

@@ -29,7 +29,7 @@ from smoothchain.oracles import gauss_newton_step
 
 from newton_depth import best_time, rel_diff, slope
 
-from _report import emit  # benchmarks/_report.py (the script directory is on sys.path)
+from _report import emit, parse_args  # benchmarks/_report.py (the script directory is on sys.path)
 
 
 def mlp(d_in: int, hidden: int, classes: int, seed: int) -> nn.Sequential:
@@ -43,12 +43,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--classes", type=int, default=4)
     ap.add_argument("--inputs", type=int, default=16)
     ap.add_argument("--hidden", default="16,32,64,128,256")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_args(ap, argv, repeats=3)
     hidden = [int(h) for h in args.hidden.split(",")]
     gen = torch.Generator().manual_seed(args.seed + 1)
     x = torch.randn(args.batch, args.inputs, generator=gen, dtype=torch.float64)

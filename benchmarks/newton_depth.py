@@ -31,7 +31,7 @@ from torch import nn
 
 from smoothchain.oracles import newton_step
 
-from _report import emit  # benchmarks/_report.py (the script directory is on sys.path)
+from _report import emit, parse_args  # benchmarks/_report.py (the script directory is on sys.path)
 
 
 def chain(depth: int, width: int, seed: int) -> nn.Sequential:
@@ -77,16 +77,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--depths", default="2,4,8,16")
-    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dense-repeats", type=int, default=3,
                     help="repeats of the dense method (default 3)")
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--gamma", type=float, default=0.01)
     ap.add_argument("--l2", type=float, default=1e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="also write the JSON line to this file")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_args(ap, argv, repeats=5)
     depths = [int(d) for d in args.depths.split(",")]
     dense_repeats = args.dense_repeats
 

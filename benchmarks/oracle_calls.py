@@ -29,7 +29,7 @@ from smoothchain.torch_chain import torch_module
 
 from newton_depth import best_time
 
-from _report import emit  # benchmarks/_report.py (the script directory is on sys.path)
+from _report import emit, parse_args  # benchmarks/_report.py (the script directory is on sys.path)
 
 STEPS = [("gradient", "dp", gradient_step), ("gradient", "dense", gradient_step),
          ("gauss-newton", "dual", gauss_newton_step), ("gauss-newton", "dp", gauss_newton_step),
@@ -53,13 +53,8 @@ def batch(shape, m: int, seed: int):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--gamma", type=float, default=0.05)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_args(ap, argv, repeats=3)
     rows, source = [], None
     for name in ("mlp", "cnn"):
         spec = builtin(name)

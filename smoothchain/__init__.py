@@ -19,7 +19,7 @@ __all__ = [
     "Certificate", "certify", "certify_chain", "build_chain",
     "LossConstants", "ObjectiveBounds", "loss_constants", "objective_bounds",
     "ChainBounds", "LayerBound", "chain_bounds", "composite_bounds", "generic_chain_bounds",
-    "load_spec", "parse_spec", "spec_to_dict", "register_module",
+    "load_spec", "parse_spec", "spec_to_dict", "register_module", "register_component",
 ]
 
 
@@ -28,3 +28,11 @@ def register_module(module_type, converter):
     from .torch_chain import register_module as _register
 
     _register(module_type, converter)
+
+
+def register_component(component_type):
+    """Register a component class for its ``torch_types`` (see
+    :func:`smoothchain.torch_chain.register_component`; usable as a class decorator)."""
+    from .torch_chain import register_component as _register
+
+    return _register(component_type)

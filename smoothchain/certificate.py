@@ -151,19 +151,9 @@ def build_chain(
     return chain.around_weights() if around_weights else chain
 
 
-def certify_chain(
-    chain: Chain,
-    loss: LossConstants,
-    *,
-    l2: float = 0.0,
-    epsilon: float = 1e-2,
-    gap: float | None = None,
-    mode: str = "paper",
-    loss_name: str = "",
-    batch_size: int | None = None,
-    model: str = "",
-    bounds: ChainBounds | None = None,
-) -> Certificate:
+def certify_chain(chain: Chain, loss: LossConstants, *, l2: float = 0.0, epsilon: float = 1e-2,
+                  gap: float | None = None, mode: str = "paper", loss_name: str = "", batch_size: int | None = None,
+                  model: str = "", bounds: ChainBounds | None = None) -> Certificate:
     """Run RH Prop. 4.4 (or Cor. 4.5) on ``chain``, then Prop. 4.2 and Thm 4.1 with ``loss``.
 
     ``bounds``, if given, must be ``chain_bounds(chain)`` (saves recomputing it).

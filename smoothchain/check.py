@@ -102,17 +102,11 @@ def layer_blocks(model: nn.Module, input_shape: Sequence[int]) -> tuple[list[sli
     the layer ends inside a module, e.g. batch norm followed by its affine part).
     """
     mc = components_from_module(model, input_shape)
-    leaves = leaf_modules(model)
+    leaves, leaf_of = mc.leaves, mc.leaf_index  # component i comes from leaves[leaf_of[i]]
     offsets, pos = {}, 0
     for _, p in model.named_parameters():
         offsets[id(p)] = (pos, pos + p.numel())
         pos += p.numel()
-    leaf_of = {}  # component index -> (leaf index, first part?)
-    comp = 0
-    for li, (name, _leaf) in enumerate(leaves):
-        while comp < len(mc.names) and (mc.names[comp] == name or mc.names[comp].startswith(name + ".")):
-            leaf_of[comp] = li
-            comp += 1
     blocks: list[slice] = []
     ends: list[int] = []
     bil = [i for i, c in enumerate(mc.components) if c.role == "bilinear"]
@@ -131,7 +125,7 @@ def layer_blocks(model: nn.Module, input_shape: Sequence[int]) -> tuple[list[sli
         else:
             blocks.append(slice(0, 0))
         nxt = starts[k + 1] if k + 1 < len(starts) else len(mc.components)
-        last_leaf = leaf_of.get(nxt - 1, len(leaves) - 1)
+        last_leaf = leaf_of[nxt - 1] if nxt >= 1 else len(leaves) - 1
         same_leaf_next = nxt < len(mc.components) and leaf_of[nxt] == last_leaf
         ends.append(-1 if same_leaf_next else last_leaf + 1)
     covered = sum(b.stop - b.start for b in blocks)
@@ -224,22 +218,13 @@ def _estimate_chain(psi, points: Sequence[Tensor], centre, blocks, radius, ascen
 def check(
     model: nn.Module,
     *,
-    input_shape: Sequence[int],
-    batch_size: int = 2,
-    radius: float = 1.0,
-    input_norm: float = 1.0,
-    loss: str = "cross-entropy",
-    mode: str = "paper",
-    l2: float = 0.0,
-    around_weights: bool = False,
+    # the certificate's settings (those of certify(), with a batch of 2 by default)
+    input_shape: Sequence[int], batch_size: int = 2, radius: float = 1.0, input_norm: float = 1.0,
+    loss: str = "cross-entropy", mode: str = "paper", l2: float = 0.0, around_weights: bool = False,
     target_norm: float = 1.0,
-    points: int = 3,
-    ascent_steps: int = 8,
-    iters: int = 60,
-    tolerance: float = 1e-6,
-    seed: int = 0,
-    per_layer: bool = True,
-    progress: Callable[[str], None] | None = None,
+    # the search for estimates
+    points: int = 3, ascent_steps: int = 8, iters: int = 60, tolerance: float = 1e-6, seed: int = 0,
+    per_layer: bool = True, progress: Callable[[str], None] | None = None,
 ) -> CheckResult:
     """Certify ``model`` and compare with estimates at ``points`` random points of C plus ascent.
 

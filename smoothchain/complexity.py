@@ -66,7 +66,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.module_tracker import ModuleTracker
 
@@ -179,7 +178,7 @@ def layer_costs(model: nn.Module, x: torch.Tensor) -> list[LayerCost]:
         v = layer.vector().detach()
         first = layer.modules[0]
         with torch.no_grad():
-            pre = functional_call(first, dict(zip(layer.names, layer.unflatten(v))), (z,))
+            pre = layer.function(v, z)   # the first module alone: its pre-activation
         kind, s_beta, s_beta_v, mults = _products(first, z, pre)
         s_a, h = 0, pre
         for mod in layer.modules[1:]:

@@ -1,14 +1,20 @@
 """Layer components and their constants (RH Sec. 2.3, Appendix B), in ``paper`` and ``tight`` modes.
 
-Each component is a small frozen dataclass that knows its per-example output shape and declares
-its own constants for a batch of ``m`` inputs -- next to its definition, as in Modula.  A chain is
+Each component is a small frozen dataclass that declares everything about itself in one place,
+next to its definition (as Modula's atoms and BackPACK's derivatives do): its per-example output
+shape, its constants for a batch of ``m`` inputs, the PyTorch module types it stands for
+(``torch_types``, :meth:`Component.from_torch`, :meth:`Component.to_torch`) and, for
+element-wise activations (:class:`Elementwise`), the scalar facts -- sup |a|, sup |a'|,
+sup |a''|, |a(0)|, |a'(0)| -- from which both RH's constants and F's (DSGD's) are derived, and
+the functional forward.  Registering a new layer type is one class (``docs/registry.md``).  A chain is
 then grouped into RH layers (Def. 2.1): a bi-affine component opens a layer and the non-linear
 components that follow it form a_l = a_{l,k} o ... o a_{l,1}; shape-only components (flatten,
 reshape, dropout at evaluation) change nothing.
 
 ``paper`` reproduces RH Appendix B as printed in the long version (DESIGN.md "paper mode,
 precisely"); ``tight`` uses sharper constants proved in ``docs/tight-constants.md``.  Both are
-plain arithmetic on shapes: no PyTorch, so VGG-16 at batch 128 is certified in microseconds.
+plain arithmetic on shapes: no PyTorch is imported here (``to_torch`` and ``function`` import it
+when called), so VGG-16 at batch 128 is certified in microseconds.
 
 Shapes are per example, e.g. ``(3, 224, 224)`` or ``(784,)``; eta = m x prod(shape) is the size
 of a component's input over the whole batch.
@@ -24,6 +30,11 @@ from .chain import BilinearConstants, ChainError, ComponentConstants, Layer
 
 __all__ = [
     "Component",
+    "Elementwise",
+    "ScalarFacts",
+    "UnsupportedModuleError",
+    "COMPONENT_TYPES",
+    "Unflatten",
     "Linear",
     "Conv2d",
     "ChannelAffine",
@@ -57,6 +68,10 @@ def _bn_factor() -> float:
 
 
 BATCHNORM_SMOOTHNESS_FACTOR = _bn_factor()  # ~1.6051
+
+
+class UnsupportedModuleError(ChainError):
+    """A module type with no registered constants, or a configuration a component cannot take."""
 
 
 def _prod(shape: Sequence[int]) -> int:
@@ -109,10 +124,23 @@ class Component:
 
     Subclasses set ``role`` to ``"bilinear"`` (opens an RH layer), ``"nonlinear"`` (one
     a_{l,j}) or ``"shape"`` (changes the shape only) and implement :meth:`output_shape` and
-    :meth:`constants`.
+    :meth:`constants`.  ``torch_types`` lists the PyTorch module types the component stands for:
+    names in ``torch.nn`` (``"Linear"``), dotted paths (``"pkg.module.Type"``) -- so that this
+    module needs no PyTorch -- or the types themselves; :meth:`from_torch` reads such a module,
+    :meth:`to_torch` builds one.
     """
 
     role: ClassVar[str] = "shape"
+    torch_types: ClassVar[tuple] = ()
+
+    @classmethod
+    def from_torch(cls, module, shape: tuple[int, ...]) -> "Component | Sequence[Component]":
+        """The component(s) of the PyTorch ``module`` on per-example inputs of shape ``shape``."""
+        return cls()
+
+    def to_torch(self):
+        """A PyTorch module computing this component (built-in models, tests)."""
+        raise ChainError(f"no PyTorch module for component {self!r}")
 
     def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         return shape
@@ -141,6 +169,16 @@ class Linear(Component):
     out_features: int
     bias: bool = True
     role: ClassVar[str] = "bilinear"
+    torch_types: ClassVar[tuple] = ("Linear",)
+
+    @classmethod
+    def from_torch(cls, module, shape):
+        return cls(module.in_features, module.out_features, module.bias is not None)
+
+    def to_torch(self):
+        from torch import nn
+
+        return nn.Linear(self.in_features, self.out_features, bias=self.bias)
 
     def output_shape(self, shape):
         if not shape or shape[-1] != self.in_features:
@@ -161,6 +199,22 @@ class Linear(Component):
         return f"linear({self.in_features}->{self.out_features})"
 
 
+def _conv_padding(module) -> tuple[int, int]:
+    """PyTorch's padding of a Conv2d as two ints (``"same"`` needs an odd dilated kernel)."""
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            return (0, 0)
+        pads = []
+        for k, d in zip(module.kernel_size, module.dilation):
+            total = d * (k - 1)
+            if total % 2:
+                raise UnsupportedModuleError(
+                    f"{module} uses padding='same' with an even kernel: asymmetric padding is not supported")
+            pads.append(total // 2)
+        return tuple(pads)  # type: ignore[return-value]
+    return tuple(module.padding)  # type: ignore[return-value]
+
+
 @dataclass(frozen=True)
 class Conv2d(Component):
     """2-D convolution (RH eq. 9, App. B.3) with stride, padding and dilation.
@@ -179,10 +233,27 @@ class Conv2d(Component):
     dilation: tuple[int, int] = (1, 1)
     bias: bool = True
     role: ClassVar[str] = "bilinear"
+    torch_types: ClassVar[tuple] = ("Conv2d",)
 
     def __post_init__(self):
         for name in ("kernel_size", "stride", "padding", "dilation"):
             object.__setattr__(self, name, _pair(getattr(self, name)))
+
+    @classmethod
+    def from_torch(cls, module, shape):
+        if module.groups != 1:
+            raise UnsupportedModuleError(
+                f"{module}: grouped convolutions (groups={module.groups}) are not supported; register a converter")
+        if module.padding_mode != "zeros":
+            raise UnsupportedModuleError(f"{module}: padding_mode={module.padding_mode!r} is not supported, only 'zeros'")
+        return cls(module.in_channels, module.out_channels, tuple(module.kernel_size), tuple(module.stride),
+                   _conv_padding(module), tuple(module.dilation), module.bias is not None)
+
+    def to_torch(self):
+        from torch import nn
+
+        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, bias=self.bias)
 
     def _out_hw(self, shape):
         if len(shape) != 3 or shape[0] != self.in_channels:
@@ -248,57 +319,133 @@ class ChannelAffine(Component):
 
 
 @dataclass(frozen=True)
-class ReLU(Component):
-    """ReLU: (inf, 1, inf, 0, 1) in both modes (not C^1, so L = inf; RH Sec. 5.1)."""
+class ScalarFacts:
+    """Facts of a scalar function a : R -> R (an activation applied entry by entry).
+
+    ``bound`` = sup |a| (inf if unbounded), ``d1`` = sup |a'|, ``d2`` = sup |a''| (inf if a' is
+    not Lipschitz), ``at_zero`` = |a(0)|, ``d1_at_zero`` = |a'(0)|.
+    """
+
+    bound: float
+    d1: float
+    d2: float
+    at_zero: float
+    d1_at_zero: float
+
+
+class Elementwise(Component):
+    """An activation a applied to every entry: one class per activation declares its
+    :class:`ScalarFacts` (``facts``, and ``paper_facts`` where RH prints other values), its
+    PyTorch types and its functional forward :meth:`function`.
+
+    RH's constants follow (App. B.4; entries over the batch eta = m x prod(shape), Euclidean
+    norms over the whole batch): bound sqrt(eta) sup|a|, Lipschitz sup|a'|, smoothness sup|a''|
+    (||a'(Z) (.) H - a'(Z') (.) H|| <= sup|a''| ||Z - Z'||_max-wise ||H||), value at zero
+    sqrt(eta) |a(0)|, Jacobian at zero |a'(0)|.  F's activation constants (Assumption 4.1 i,
+    DSGD) are (sup|a|, sup|a'|, sup|a''|) of the tight facts.
+    """
 
     role: ClassVar[str] = "nonlinear"
+    facts: ClassVar[ScalarFacts]
+    paper_facts: ClassVar[ScalarFacts | None] = None
+
+    def scalar_facts(self, mode: str = "tight") -> ScalarFacts:
+        """The facts used by ``mode`` (``paper`` falls back to the tight ones where RH agrees)."""
+        _check_mode(mode)
+        return (self.paper_facts or self.facts) if mode == "paper" else self.facts
 
     def constants(self, shape, batch_size, mode):
-        _check_mode(mode)
-        return ComponentConstants(math.inf, 1.0, math.inf, 0.0, 1.0, "relu")
+        f = self.scalar_facts(mode)
+        root = math.sqrt(batch_size * _prod(shape))
+        return ComponentConstants(_mul0(f.bound, root), f.d1, f.d2, _mul0(f.at_zero, root), f.d1_at_zero, self.label)
+
+    def function(self, x):
+        """a(x) entry-wise, on a tensor (the functional forward)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no function")
+
+    def to_torch(self):
+        from torch import nn
+
+        first = self.torch_types[0] if self.torch_types else None
+        if isinstance(first, str) and "." not in first:
+            return getattr(nn, first)()
+        component = self
+
+        class _Apply(nn.Module):
+            def forward(self, x):
+                return component.function(x)
+
+        _Apply.__name__ = type(self).__name__
+        return _Apply()
+
+
+def _mul0(a: float, b: float) -> float:
+    """a x b with 0 x inf = 0 (an unbounded activation's value at zero times sqrt(eta))."""
+    return 0.0 if a == 0 or b == 0 else a * b
 
 
 @dataclass(frozen=True)
-class Softplus(Component):
+class ReLU(Elementwise):
+    """ReLU: (inf, 1, inf, 0, 1) in both modes (not C^1, so L = inf; RH Sec. 5.1)."""
+
+    facts: ClassVar[ScalarFacts] = ScalarFacts(math.inf, 1.0, math.inf, 0.0, 1.0)
+    torch_types: ClassVar[tuple] = ("ReLU",)
+
+    def function(self, x):
+        return x.clamp_min(0)
+
+
+@dataclass(frozen=True)
+class Softplus(Elementwise):
     """Softplus log(1 + exp(beta x)) / beta (RH App. B.4 with beta = 1).
 
     (inf, 1, beta/4, log(2) sqrt(eta) / beta, 1/2); all exact, both modes.
     """
 
     beta: float = 1.0
-    role: ClassVar[str] = "nonlinear"
+    torch_types: ClassVar[tuple] = ("Softplus",)
 
-    def constants(self, shape, batch_size, mode):
-        _check_mode(mode)
-        eta = batch_size * _prod(shape)
-        return ComponentConstants(
-            math.inf, 1.0, self.beta / 4.0, math.log(2.0) * math.sqrt(eta) / self.beta, 0.5, "softplus"
-        )
+    @property
+    def facts(self) -> ScalarFacts:  # type: ignore[override]
+        return ScalarFacts(math.inf, 1.0, self.beta / 4.0, math.log(2.0) / self.beta, 0.5)
 
+    @classmethod
+    def from_torch(cls, module, shape):
+        return cls(float(module.beta))
 
-@dataclass(frozen=True)
-class Sigmoid(Component):
-    """Sigmoid (RH App. B.4): paper (sqrt(eta), 1/4, 1/10, sqrt(eta)/2, 1/4); tight L = sqrt(3)/18."""
+    def function(self, x):
+        import torch
 
-    role: ClassVar[str] = "nonlinear"
+        return torch.nn.functional.softplus(x, beta=self.beta, threshold=math.inf)
 
-    def constants(self, shape, batch_size, mode):
-        _check_mode(mode)
-        eta = batch_size * _prod(shape)
-        smooth = 0.1 if mode == "paper" else SIGMOID_SMOOTHNESS
-        return ComponentConstants(math.sqrt(eta), 0.25, smooth, math.sqrt(eta) / 2.0, 0.25, "sigmoid")
+    def to_torch(self):
+        from torch import nn
+
+        return nn.Softplus(beta=self.beta, threshold=math.inf)
 
 
 @dataclass(frozen=True)
-class Tanh(Component):
+class Sigmoid(Elementwise):
+    """Sigmoid (RH App. B.4): paper (sqrt(eta), 1/4, 1/10, sqrt(eta)/2, 1/4); tight L = sqrt(3)/18,
+    the exact max |sigma''|."""
+
+    facts: ClassVar[ScalarFacts] = ScalarFacts(1.0, 0.25, SIGMOID_SMOOTHNESS, 0.5, 0.25)
+    paper_facts: ClassVar[ScalarFacts] = ScalarFacts(1.0, 0.25, 0.1, 0.5, 0.25)
+    torch_types: ClassVar[tuple] = ("Sigmoid",)
+
+    def function(self, x):
+        return x.sigmoid()
+
+
+@dataclass(frozen=True)
+class Tanh(Elementwise):
     """Tanh: (sqrt(eta), 1, 4/(3 sqrt 3), 0, 1), exact, both modes."""
 
-    role: ClassVar[str] = "nonlinear"
+    facts: ClassVar[ScalarFacts] = ScalarFacts(1.0, 1.0, TANH_SMOOTHNESS, 0.0, 1.0)
+    torch_types: ClassVar[tuple] = ("Tanh",)
 
-    def constants(self, shape, batch_size, mode):
-        _check_mode(mode)
-        eta = batch_size * _prod(shape)
-        return ComponentConstants(math.sqrt(eta), 1.0, TANH_SMOOTHNESS, 0.0, 1.0, "tanh")
+    def function(self, x):
+        return x.tanh()
 
 
 @dataclass(frozen=True)
@@ -310,6 +457,19 @@ class Softmax(Component):
     """
 
     role: ClassVar[str] = "nonlinear"
+    torch_types: ClassVar[tuple] = ("Softmax",)
+
+    @classmethod
+    def from_torch(cls, module, shape):
+        ndim = len(shape) + 1
+        if module.dim is None or module.dim % ndim != ndim - 1:
+            raise UnsupportedModuleError(f"{module}: softmax must act on the last dimension (dim=-1 or {ndim - 1})")
+        return cls()
+
+    def to_torch(self):
+        from torch import nn
+
+        return nn.Softmax(dim=-1)
 
     def constants(self, shape, batch_size, mode):
         _check_mode(mode)
@@ -326,6 +486,17 @@ class _Pool2d(Component):
     padding: tuple[int, int] = (0, 0)
     ceil_mode: bool = False
     role: ClassVar[str] = "nonlinear"
+
+    @classmethod
+    def from_torch(cls, module, shape):
+        if getattr(module, "dilation", 1) not in (1, (1, 1)):
+            raise UnsupportedModuleError(f"{module}: dilated pooling is not supported")
+        return cls(module.kernel_size, module.stride, module.padding, module.ceil_mode)
+
+    def to_torch(self):
+        from torch import nn
+
+        return getattr(nn, type(self).__name__)(self.kernel_size, self.stride, self.padding, ceil_mode=self.ceil_mode)
 
     def __post_init__(self):
         object.__setattr__(self, "kernel_size", _pair(self.kernel_size))
@@ -359,6 +530,8 @@ class MaxPool2d(_Pool2d):
     l = ||grad a(0)|| = sqrt(mu) there, in both modes (RH is silent; docs/tight-constants.md).
     """
 
+    torch_types: ClassVar[tuple] = ("MaxPool2d",)
+
     def constants(self, shape, batch_size, mode):
         _check_mode(mode)
         lip = math.sqrt(self.multiplicity(shape))
@@ -380,6 +553,16 @@ class AvgPool2d(_Pool2d):
     ||A||^2 <= max_i sum_{o reads i} 1/d_o per axis (rows sum to at most 1), and paper mode
     raises l to it if it exceeds 1 (docs/tight-constants.md).
     """
+
+    torch_types: ClassVar[tuple] = ("AvgPool2d",)
+
+    @classmethod
+    def from_torch(cls, module, shape):
+        if not module.count_include_pad and module.padding not in (0, (0, 0)):
+            raise UnsupportedModuleError(f"{module}: count_include_pad=False with padding is not supported")
+        if module.divisor_override is not None:
+            raise UnsupportedModuleError(f"{module}: divisor_override is not supported")
+        return super().from_torch(module, shape)
 
     def _axis_load(self, axis: int, size: int, n_out: int) -> float:
         """max over inputs i of sum over windows o reading i of 1/d_o (PyTorch's divisor d_o)."""
@@ -419,6 +602,18 @@ class AdaptiveAvgPool2d(Component):
 
     output_size: tuple[int, int]
     role: ClassVar[str] = "nonlinear"
+    torch_types: ClassVar[tuple] = ("AdaptiveAvgPool2d",)
+
+    @classmethod
+    def from_torch(cls, module, shape):
+        size = module.output_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return cls(tuple(shape[1 + i] if s is None else s for i, s in enumerate(size)))
+
+    def to_torch(self):
+        from torch import nn
+
+        return nn.AdaptiveAvgPool2d(self.output_size)
 
     def __post_init__(self):
         object.__setattr__(self, "output_size", _pair(self.output_size))
@@ -463,6 +658,25 @@ class BatchNorm(Component):
     eps: float = 1e-5
     over: str = "entry"
     role: ClassVar[str] = "nonlinear"
+    torch_types: ClassVar[tuple] = ("BatchNorm1d", "BatchNorm2d", "smoothchain.torch_chain.EntryBatchNorm")
+
+    @classmethod
+    def from_torch(cls, module, shape):
+        """PyTorch's batch norm: the normalisation, then (if ``affine``) a :class:`ChannelAffine`;
+        smoothchain's ``EntryBatchNorm``: RH eq. (11) per entry."""
+        if not hasattr(module, "affine"):  # EntryBatchNorm
+            return cls(module.eps, over="entry")
+        out: list[Component] = [cls(module.eps, over="entry" if len(shape) == 1 else "channel")]
+        if module.affine:
+            out.append(ChannelAffine(module.num_features, bias=True))
+        return out
+
+    def to_torch(self):
+        if self.over != "entry":
+            raise ChainError("only per-entry batch norm has a built-in module (EntryBatchNorm)")
+        from .torch_chain import EntryBatchNorm
+
+        return EntryBatchNorm(self.eps)
 
     def __post_init__(self):
         if not self.eps > 0:
@@ -500,6 +714,18 @@ class Flatten(Component):
 
     start_dim: int = 1
     end_dim: int = -1
+    torch_types: ClassVar[tuple] = ("Flatten",)
+
+    @classmethod
+    def from_torch(cls, module, shape):
+        if module.start_dim == 0:
+            raise UnsupportedModuleError(f"{module}: flattening the batch dimension mixes examples")
+        return cls(module.start_dim, module.end_dim)
+
+    def to_torch(self):
+        from torch import nn
+
+        return nn.Flatten(self.start_dim, self.end_dim)
 
     def output_shape(self, shape):
         full = (1,) + tuple(shape)
@@ -512,7 +738,37 @@ class Flatten(Component):
 
 @dataclass(frozen=True)
 class Identity(Component):
-    """Identity (also Dropout at evaluation): changes nothing."""
+    """Identity (also Dropout, certified at evaluation where p has no effect): changes nothing."""
+
+    torch_types: ClassVar[tuple] = ("Identity", "Dropout")
+
+    def to_torch(self):
+        from torch import nn
+
+        return nn.Identity()
+
+
+@dataclass(frozen=True)
+class Unflatten(Component):
+    """PyTorch's ``Unflatten``: dimension ``dim`` (counting the batch as 0) becomes ``sizes``."""
+
+    dim: int
+    sizes: tuple[int, ...]
+    torch_types: ClassVar[tuple] = ("Unflatten",)
+
+    @classmethod
+    def from_torch(cls, module, shape):
+        return cls(module.dim % (len(shape) + 1), tuple(module.unflattened_size))
+
+    def output_shape(self, shape):
+        if not 1 <= self.dim <= len(shape) or _prod(self.sizes) != shape[self.dim - 1]:
+            raise ChainError(f"Unflatten({self.dim}, {self.sizes}) cannot take per-example shape {tuple(shape)}")
+        return tuple(shape[: self.dim - 1]) + self.sizes + tuple(shape[self.dim:])
+
+    def to_torch(self):
+        from torch import nn
+
+        return nn.Unflatten(self.dim, self.sizes)
 
 
 @dataclass(frozen=True)
@@ -546,6 +802,14 @@ class Custom(Component):
     @property
     def label(self):
         return self.name
+
+
+#: the built-in component types, the ones :mod:`smoothchain.torch_chain` registers for their
+#: ``torch_types``
+COMPONENT_TYPES: tuple[type, ...] = (
+    Linear, Conv2d, ReLU, Softplus, Sigmoid, Tanh, Softmax, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d,
+    BatchNorm, Flatten, Unflatten, Identity,
+)
 
 
 # --------------------------------------------------------------------------- grouping into layers

@@ -255,14 +255,8 @@ def _detect(path: Path) -> tuple[str, Path]:
 # --------------------------------------------------------------------------------------------
 
 
-def digits(
-    *,
-    flatten: bool = True,
-    dtype: torch.dtype = torch.float32,
-    seed: int = 0,
-    test_fraction: float = 0.2,
-    limit: int | None = None,
-) -> Dataset:
+def digits(*, flatten: bool = True, dtype: torch.dtype = torch.float32, seed: int = 0,
+           test_fraction: float = 0.2, limit: int | None = None) -> Dataset:
     """scikit-learn's bundled 8x8 digits (1,797 images, offline).  Pixels are counts in 0..16,
     divided by 16 -> [0, 1]; ``(N, 64)`` or ``(N, 1, 8, 8)``.  The split is stratified by class
     and reproducible: ``seed`` fixes it, ``test_fraction`` sizes it."""
@@ -286,15 +280,8 @@ def digits(
     )
 
 
-def mnist1d(
-    *,
-    num_samples: int = 5000,
-    flatten: bool = True,
-    dtype: torch.dtype = torch.float32,
-    seed: int = 42,
-    test_fraction: float = 0.2,
-    limit: int | None = None,
-) -> Dataset:
+def mnist1d(*, num_samples: int = 5000, flatten: bool = True, dtype: torch.dtype = torch.float32,
+            seed: int = 42, test_fraction: float = 0.2, limit: int | None = None) -> Dataset:
     """MNIST-1D (Greydanus & Kobak), generated locally with the ``mnist1d`` package's generator
     ``mnist1d.data.make_dataset`` and its default arguments (``get_dataset_args``) except
     ``num_samples``, ``seed`` and ``train_split = 1 - test_fraction``.  The defaults (5,000
@@ -347,15 +334,8 @@ def mnist1d(
 # --------------------------------------------------------------------------------------------
 
 
-def mnist(
-    root: str | os.PathLike,
-    fashion: bool = False,
-    *,
-    flatten: bool = True,
-    dtype: torch.dtype = torch.float32,
-    limit: int | None = None,
-    seed: int | None = None,
-) -> Dataset:
+def mnist(root: str | os.PathLike, fashion: bool = False, *, flatten: bool = True,
+          dtype: torch.dtype = torch.float32, limit: int | None = None, seed: int | None = None) -> Dataset:
     """MNIST (or Fashion-MNIST with ``fashion=True``) from the four IDX files
     ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``,
     ``t10k-labels-idx1-ubyte`` (each also as ``.gz``), looked for in ``root/MNIST/raw`` (or
@@ -385,26 +365,11 @@ def mnist(
         raise DatasetFormatError(
             f"{label}: train images are {x_tr.shape[1:]} but test images are {x_te.shape[1:]}"
         )
-    return _build(
-        name,
-        _u8_scaled(x_tr[:, None], limit),
-        y_tr.astype(np.int64),
-        _u8_scaled(x_te[:, None], limit),
-        y_te.astype(np.int64),
-        flatten=flatten,
-        dtype=dtype,
-        limit=limit,
-    )
+    return _build_u8(name, x_tr[:, None], y_tr, x_te[:, None], y_te, flatten=flatten, dtype=dtype, limit=limit)
 
 
-def cifar10(
-    root: str | os.PathLike,
-    *,
-    flatten: bool = True,
-    dtype: torch.dtype = torch.float32,
-    limit: int | None = None,
-    seed: int | None = None,
-) -> Dataset:
+def cifar10(root: str | os.PathLike, *, flatten: bool = True, dtype: torch.dtype = torch.float32,
+            limit: int | None = None, seed: int | None = None) -> Dataset:
     """CIFAR-10 from the python batches ``data_batch_1`` .. ``data_batch_5`` and ``test_batch``
     (pickled dicts with ``b"data"``: uint8 ``(N, 3072)`` in channel-major R, G, B order, and
     ``b"labels"``), looked for in ``root/cifar-10-batches-py`` and ``root``.  Only numpy arrays and
@@ -417,26 +382,14 @@ def cifar10(
     x_te, y_te = _read_cifar_batch(files["test_batch"])
     x_tr = np.concatenate([b[0] for b in train])
     y_tr = np.concatenate([b[1] for b in train])
-    return _build(
-        "cifar10",
-        _u8_scaled(x_tr.reshape(-1, 3, 32, 32), limit),
-        y_tr,
-        _u8_scaled(x_te.reshape(-1, 3, 32, 32), limit),
-        y_te,
-        flatten=flatten,
-        dtype=dtype,
-        limit=limit,
+    return _build_u8(
+        "cifar10", x_tr.reshape(-1, 3, 32, 32), y_tr, x_te.reshape(-1, 3, 32, 32), y_te,
+        flatten=flatten, dtype=dtype, limit=limit,
     )
 
 
-def svhn(
-    root: str | os.PathLike,
-    *,
-    flatten: bool = True,
-    dtype: torch.dtype = torch.float32,
-    limit: int | None = None,
-    seed: int | None = None,
-) -> Dataset:
+def svhn(root: str | os.PathLike, *, flatten: bool = True, dtype: torch.dtype = torch.float32,
+         limit: int | None = None, seed: int | None = None) -> Dataset:
     """SVHN (cropped digits) from ``train_32x32.mat`` and ``test_32x32.mat`` (MATLAB v5, read with
     ``scipy.io.loadmat``: ``X`` uint8 ``(32, 32, 3, N)``, ``y`` ``(N, 1)`` in 1..10 where 10
     means digit 0), looked for in ``root``, ``root/svhn`` and ``root/SVHN``.  ``extra_32x32.mat``
@@ -446,16 +399,7 @@ def svhn(
     files = _locate("SVHN", _svhn_dirs(Path(root)), _SVHN_FILES)
     x_tr, y_tr = _read_svhn_mat(files["train_32x32.mat"])
     x_te, y_te = _read_svhn_mat(files["test_32x32.mat"])
-    return _build(
-        "svhn",
-        _u8_scaled(x_tr, limit),
-        y_tr,
-        _u8_scaled(x_te, limit),
-        y_te,
-        flatten=flatten,
-        dtype=dtype,
-        limit=limit,
-    )
+    return _build_u8("svhn", x_tr, y_tr, x_te, y_te, flatten=flatten, dtype=dtype, limit=limit)
 
 
 # --------------------------------------------------------------------------------------------
@@ -646,6 +590,14 @@ def _u8_scaled(images: np.ndarray, limit: int | None) -> np.ndarray:
     if limit is not None:
         images = images[:limit]
     return images.astype(np.float32) / np.float32(255.0)
+
+
+def _build_u8(name: str, x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarray, *,
+              flatten: bool, dtype: torch.dtype, limit: int | None) -> Dataset:
+    """:func:`_build` for the file-based data sets' uint8 images: the first ``limit`` of each
+    split, scaled to [0, 1] by :func:`_u8_scaled` (before the conversion to ``dtype``)."""
+    return _build(name, _u8_scaled(x_tr, limit), y_tr, _u8_scaled(x_te, limit), y_te,
+                  flatten=flatten, dtype=dtype, limit=limit)
 
 
 def _build(

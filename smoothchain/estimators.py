@@ -23,13 +23,13 @@ at a smaller local maximum, or miss the top eigenvector when the start is nearly
 it; random starts and restarts make this unlikely, never impossible).
 
 Flat-vector convention: the parameters in ``model.named_parameters()`` order (tied parameters
-once), each flattened in row-major order and concatenated -- see :func:`flat_parameters`.
+once), each flattened in row-major order and concatenated -- see :func:`flat_parameters`
+(from :mod:`.functional`, which also builds the functional copy of the model).
 Costs and the math are in ``docs/estimators.md``.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -37,8 +37,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp, vjp
+from torch.func import jvp, vjp
 
+from .functional import flat_parameters, make_functional_call
 from .losses import loss_function, loss_names
 
 __all__ = [
@@ -86,82 +87,28 @@ class Estimate:
 # --------------------------------------------------------------------------------------------
 
 
-def flat_parameters(model: nn.Module) -> Tensor:
-    """The model's parameters as one detached flat vector (``named_parameters()`` order)."""
-    return torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()]).clone()
-
-
-class _TrainModeBatchNorm(nn.Module):
-    """Batch norm with batch statistics (RH eq. 11, per channel), written with elementary ops.
-
-    Replaces a training-mode ``nn.BatchNorm*d`` inside the functional copy: it tracks no running
-    statistics, and -- the reason it exists -- its higher derivatives are right in every AD
-    mode.  PyTorch's fused ``batch_norm`` has wrong second-order forward-mode derivatives
-    (nested ``jvp``; pytorch/pytorch#196699) and wrong third-order reverse ones (#186256), which
-    would silently corrupt the second-derivative estimates and the ascent of :mod:`.check`
-    (tests/test_estimators.py checks every mode against finite differences).  Keeps the
-    module's ``weight``/``bias`` Parameters, so ``named_parameters()`` is unchanged.
-    """
-
-    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
-        super().__init__()
-        self.eps = float(bn.eps)
-        self.weight = bn.weight  # Parameter or None; same object, same name
-        self.bias = bn.bias
-
-    def forward(self, x: Tensor) -> Tensor:
-        dims = [0, *range(2, x.dim())]
-        mean = x.mean(dim=dims, keepdim=True)
-        var = (x - mean).pow(2).mean(dim=dims, keepdim=True)  # biased, as batch norm normalises
-        out = (x - mean) / torch.sqrt(var + self.eps)
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        if self.weight is not None:
-            out = out * self.weight.view(shape)
-        if self.bias is not None:
-            out = out + self.bias.view(shape)
-        return out
-
-
 def _functional_forward(model: nn.Module, x: Tensor) -> tuple[Callable[[Tensor], Tensor], Tensor]:
     """``forward(w)`` = the model's (unflattened) output on ``x`` with flat weights ``w``.
 
-    The model is copied (sharing its parameter tensors, which are never written) so that later
-    changes to it do not affect ``forward`` and ``forward`` never writes to it: batch-norm modules
-    in training mode are replaced in the copy by :class:`_TrainModeBatchNorm` (they normalise with
-    the batch statistics, as in training, and track nothing); batch norms in eval mode keep theirs, read
-    only; dropout modules are put in eval mode (the identity), so that ``forward`` is a
-    deterministic function of ``w``.
+    Built on the pure functional copy of :func:`.functional.make_functional_call`
+    (``pure=True``): the model is copied (sharing its parameter tensors, which are never
+    written) so that later changes to it do not affect ``forward`` and ``forward`` never writes
+    to it; batch norms that normalise with the batch statistics (training mode, or no running
+    statistics) do so in elementary ops and track nothing; the others use their running
+    statistics, read only;
+    dropout is the identity, so that ``forward`` is a deterministic function of ``w``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-    named = list(model.named_parameters())
-    if not named:
+    if not any(True for _ in model.parameters()):
         raise ValueError("the model has no parameters")
-    memo = {id(p): p for _, p in named}  # share parameters: they are replaced in every call
-    net = copy.deepcopy(model, memo)
-    for name, mod in list(net.named_modules()):
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:
-            if name:
-                parent, _, attr = name.rpartition(".")
-                setattr(net.get_submodule(parent), attr, _TrainModeBatchNorm(mod))
-            else:
-                net = _TrainModeBatchNorm(mod)
-        elif isinstance(mod, nn.modules.dropout._DropoutNd):
-            mod.eval()
-    names = [n for n, _ in named]
-    shapes = [p.shape for _, p in named]
-    sizes = [p.numel() for _, p in named]
+    call = make_functional_call(model, pure=True)
     w0 = flat_parameters(model)
     x = x.detach()
 
     def forward(w: Tensor) -> Tensor:
-        if w.shape != w0.shape:
-            raise ValueError(f"expected a flat weight vector of shape {tuple(w0.shape)}, got {tuple(w.shape)}")
-        params = {n: c.view(s) for n, c, s in zip(names, torch.split(w, sizes), shapes)}
-        out = functional_call(net, params, (x,))
-        if not isinstance(out, Tensor):
-            raise TypeError(f"the model must return one tensor, got {type(out).__name__}")
-        return out
+        # unflatten first: w must be ONE flat vector here, never a list of tensors
+        return call(call.unflatten(w), x)
 
     return forward, w0
 

@@ -10,29 +10,14 @@ import math
 from dataclasses import dataclass
 
 from .chain import ChainError, _mul
-from .losses import MODES, LossConstants, loss_names, rh_loss_constants
+from .losses import MODES, LossConstants, loss_names
+from .losses import rh_loss_constants as loss_constants  # RH App. B.1/B.2, from the loss table
 from .recursion import ChainBounds
 
 __all__ = ["LossConstants", "ObjectiveBounds", "loss_constants", "objective_bounds", "LOSSES", "MODES"]
 
 #: the losses the certificate knows the constants of (rows of :data:`smoothchain.losses.LOSSES`)
 LOSSES = loss_names(certified=True)
-
-
-def loss_constants(
-    loss: str,
-    *,
-    batch_size: int,
-    output_bound: float,
-    mode: str = "paper",
-    target_norm: float = 1.0,
-    input_norm: float = 1.0,
-) -> LossConstants:
-    """RH's (l_f, L_f) of the batch loss (RH App. B.1/B.2), from the loss table
-    (:func:`smoothchain.losses.rh_loss_constants`, where each loss's constants and their proofs
-    sit next to its value)."""
-    return rh_loss_constants(loss, batch_size=batch_size, output_bound=output_bound, mode=mode,
-                             target_norm=target_norm, input_norm=input_norm)
 
 
 @dataclass(frozen=True)
@@ -56,15 +41,8 @@ class ObjectiveBounds:
     gap: float
 
 
-def objective_bounds(
-    chain: ChainBounds,
-    loss: LossConstants,
-    *,
-    l2: float = 0.0,
-    epsilon: float = 1e-2,
-    gap: float | None = None,
-    weight_norms: tuple[float, ...] | None = None,
-) -> ObjectiveBounds:
+def objective_bounds(chain: ChainBounds, loss: LossConstants, *, l2: float = 0.0, epsilon: float = 1e-2,
+                     gap: float | None = None, weight_norms: tuple[float, ...] | None = None) -> ObjectiveBounds:
     """RH Prop. 4.2 and Thm 4.1 for the chain bounds ``chain`` and loss constants ``loss``.
 
     Without ``gap`` the certificate uses Delta <= sup_C F - inf_C F

@@ -10,53 +10,35 @@ to register its constants with :func:`register_module`.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
+import importlib
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from .chain import ChainError
-from .components import (
-    AdaptiveAvgPool2d,
-    AvgPool2d,
-    BatchNorm,
-    ChannelAffine,
-    Component,
-    Conv2d,
-    Custom,
-    Flatten,
-    Identity,
-    Linear,
-    MaxPool2d,
-    ReLU,
-    Sigmoid,
-    Softmax,
-    Softplus,
-    Tanh,
-)
+from .components import COMPONENT_TYPES, ChannelAffine, Component, UnsupportedModuleError
+from .functional import batch_normalize, make_functional_call
 
 __all__ = [
     "REGISTRY",
     "register_module",
-    "sequential_leaves",
+    "register_component",
     "UnsupportedModuleError",
     "ModuleChain",
     "components_from_module",
     "leaf_modules",
+    "convert",
     "torch_module",
 ]
 
 
-class UnsupportedModuleError(ChainError):
-    """A module type with no registered constants."""
-
-
 Converter = Callable[[nn.Module, tuple], "Component | Sequence[Component]"]
+#: module type -> converter; filled from the components' own ``torch_types`` (every built-in
+#: component of :data:`smoothchain.components.COMPONENT_TYPES`) and by the two functions below
 REGISTRY: dict[type, Converter] = {}
 
 
@@ -64,15 +46,8 @@ def register_module(module_type: type, converter: Converter) -> None:
     """Declare how a module type enters a chain.
 
     ``converter(module, input_shape)`` returns one :class:`~smoothchain.components.Component`
-    or a list of them, e.g. for an activation x -> x / (1 + |x|)::
-
-        from smoothchain import ComponentConstants, Custom, register_module
-        register_module(Softsign, lambda mod, shape: Custom(
-            name="softsign", kind="nonlinear",
-            constants_fn=lambda shape, m, mode: ComponentConstants(
-                bound=math.sqrt(m * math.prod(shape)), lipschitz=1.0, smoothness=2.0,
-                value_at_zero=0.0, jacobian_at_zero=1.0)))
-
+    or a list of them.  A new activation is simpler as one :class:`~smoothchain.components.Elementwise`
+    class passed to :func:`register_component` (docs/registry.md); this is the general hook.
     Registering a type again replaces its converter; subclasses use their nearest registered base.
     """
     if not isinstance(module_type, type) or not issubclass(module_type, nn.Module):
@@ -80,96 +55,25 @@ def register_module(module_type: type, converter: Converter) -> None:
     REGISTRY[module_type] = converter
 
 
-def _conv_padding(mod: nn.Conv2d) -> tuple[int, int]:
-    if isinstance(mod.padding, str):
-        if mod.padding == "valid":
-            return (0, 0)
-        pads = []
-        for k, d in zip(mod.kernel_size, mod.dilation):
-            total = d * (k - 1)
-            if total % 2:
-                raise UnsupportedModuleError(f"{mod} uses padding='same' with an even kernel: asymmetric padding is not supported")
-            pads.append(total // 2)
-        return tuple(pads)  # type: ignore[return-value]
-    return tuple(mod.padding)  # type: ignore[return-value]
+def _resolve(torch_type) -> type:
+    if isinstance(torch_type, type):
+        return torch_type
+    if "." not in torch_type:
+        return getattr(nn, torch_type)
+    module_name, _, attr = torch_type.rpartition(".")
+    return getattr(importlib.import_module(module_name), attr)
 
 
-def _convert_conv(mod: nn.Conv2d, shape) -> Component:
-    if mod.groups != 1:
-        raise UnsupportedModuleError(f"{mod}: grouped convolutions (groups={mod.groups}) are not supported; register a converter")
-    if mod.padding_mode != "zeros":
-        raise UnsupportedModuleError(f"{mod}: padding_mode={mod.padding_mode!r} is not supported, only 'zeros'")
-    return Conv2d(
-        mod.in_channels, mod.out_channels, tuple(mod.kernel_size), tuple(mod.stride), _conv_padding(mod),
-        tuple(mod.dilation), mod.bias is not None,
-    )
-
-
-def _convert_pool(mod, shape) -> Component:
-    if getattr(mod, "dilation", 1) not in (1, (1, 1)):
-        raise UnsupportedModuleError(f"{mod}: dilated pooling is not supported")
-    if isinstance(mod, nn.AvgPool2d):
-        if not mod.count_include_pad and mod.padding not in (0, (0, 0)):
-            raise UnsupportedModuleError(f"{mod}: count_include_pad=False with padding is not supported")
-        if mod.divisor_override is not None:
-            raise UnsupportedModuleError(f"{mod}: divisor_override is not supported")
-        return AvgPool2d(mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode)
-    return MaxPool2d(mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode)
-
-
-def _convert_softmax(mod: nn.Softmax, shape) -> Component:
-    ndim = len(shape) + 1
-    if mod.dim is None or mod.dim % ndim != ndim - 1:
-        raise UnsupportedModuleError(f"{mod}: softmax must act on the last dimension (dim=-1 or {ndim - 1})")
-    return Softmax()
-
-
-def _convert_batchnorm(mod: nn.modules.batchnorm._BatchNorm, shape) -> list[Component]:
-    over = "entry" if len(shape) == 1 else "channel"
-    out: list[Component] = [BatchNorm(mod.eps, over=over)]
-    if mod.affine:
-        out.append(ChannelAffine(mod.num_features, bias=True))
-    return out
-
-
-def _convert_adaptive(mod: nn.AdaptiveAvgPool2d, shape) -> Component:
-    size = mod.output_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    size = tuple(shape[1 + i] if s is None else s for i, s in enumerate(size))
-    return AdaptiveAvgPool2d(size)
-
-
-def _convert_flatten(mod: nn.Flatten, shape) -> Component:
-    if mod.start_dim == 0:
-        raise UnsupportedModuleError(f"{mod}: flattening the batch dimension mixes examples")
-    return Flatten(mod.start_dim, mod.end_dim)
-
-
-def _convert_unflatten(mod: nn.Unflatten, shape) -> Component:
-    dim = mod.dim % (len(shape) + 1)
-    new = tuple(shape[: dim - 1]) + tuple(mod.unflattened_size) + tuple(shape[dim:])
-    return Custom(name="unflatten", kind="shape", constants_fn=None, shape_fn=lambda s, new=new: new)
-
-
-for _t, _f in {
-    nn.Linear: lambda m, s: Linear(m.in_features, m.out_features, m.bias is not None),
-    nn.Conv2d: _convert_conv,
-    nn.ReLU: lambda m, s: ReLU(),
-    nn.Softplus: lambda m, s: Softplus(float(m.beta)),
-    nn.Sigmoid: lambda m, s: Sigmoid(),
-    nn.Tanh: lambda m, s: Tanh(),
-    nn.Softmax: _convert_softmax,
-    nn.MaxPool2d: _convert_pool,
-    nn.AvgPool2d: _convert_pool,
-    nn.AdaptiveAvgPool2d: _convert_adaptive,
-    nn.BatchNorm1d: _convert_batchnorm,
-    nn.BatchNorm2d: _convert_batchnorm,
-    nn.Flatten: _convert_flatten,
-    nn.Unflatten: _convert_unflatten,
-    nn.Identity: lambda m, s: Identity(),
-    nn.Dropout: lambda m, s: Identity(),  # certified at evaluation (p has no effect); see docs
-}.items():
-    REGISTRY[_t] = _f
+def register_component(component_type: type) -> type:
+    """Register a :class:`~smoothchain.components.Component` subclass for each of its
+    ``torch_types`` (converter: its ``from_torch``); returns the class, so it works as a decorator."""
+    if not (isinstance(component_type, type) and issubclass(component_type, Component)):
+        raise TypeError(f"register_component needs a Component subclass, got {component_type!r}")
+    if not component_type.torch_types:
+        raise TypeError(f"{component_type.__name__} declares no torch_types: nothing to register")
+    for t in component_type.torch_types:
+        register_module(_resolve(t), component_type.from_torch)
+    return component_type
 
 
 def _lookup(module: nn.Module) -> Converter | None:
@@ -179,45 +83,54 @@ def _lookup(module: nn.Module) -> Converter | None:
     return None
 
 
-def sequential_leaves(module: nn.Module):
-    """The modules of a (nested) ``nn.Sequential`` in application order, nested Sequentials
-    expanded; any other module is a leaf (the chains of the oracles and of DSGD)."""
-    if isinstance(module, nn.Sequential):
-        for child in module:
-            yield from sequential_leaves(child)
-    else:
-        yield module
+def convert(module: nn.Module, shape: tuple[int, ...]) -> list[Component] | None:
+    """The components of one leaf module on per-example inputs ``shape`` (None if unregistered)."""
+    converter = _lookup(module)
+    if converter is None:
+        return None
+    converted = converter(module, tuple(shape))
+    return [converted] if isinstance(converted, Component) else list(converted)
 
 
-def leaf_modules(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
-    """The chain's modules in application order, with qualified names.
-
-    Registered types are leaves; ``nn.Sequential`` is expanded; a VGG-style module expands to
-    ``features``, ``avgpool`` (if any), a flatten, then ``classifier`` (torchvision's forward).
-    """
-    if _lookup(module) is not None:
-        return [(prefix or type(module).__name__, module)]
-    if isinstance(module, nn.Sequential):
-        out = []
-        for name, child in module.named_children():
-            out.extend(leaf_modules(child, f"{prefix}.{name}" if prefix else name))
-        return out
-    if hasattr(module, "features") and hasattr(module, "classifier"):
-        out = leaf_modules(module.features, f"{prefix}.features" if prefix else "features")
-        if getattr(module, "avgpool", None) is not None:
-            out.extend(leaf_modules(module.avgpool, f"{prefix}.avgpool" if prefix else "avgpool"))
-        out.append((f"{prefix}.flatten" if prefix else "flatten", nn.Flatten()))
-        out.extend(leaf_modules(module.classifier, f"{prefix}.classifier" if prefix else "classifier"))
-        return out
-    name = prefix or "<root>"
-    raise UnsupportedModuleError(
+def _unsupported(name: str, module: nn.Module) -> UnsupportedModuleError:
+    return UnsupportedModuleError(
         f"unsupported module {name!r} of type {type(module).__module__}.{type(module).__qualname__}: "
         "smoothchain needs the constants of every component. Register them with "
         "smoothchain.register_module(YourModule, lambda module, shape: smoothchain.Custom("
         "name='yours', kind='nonlinear', constants_fn=lambda shape, batch_size, mode: "
         "smoothchain.ComponentConstants(bound=..., lipschitz=..., smoothness=..., value_at_zero=..., "
-        "jacobian_at_zero=...))) -- see docs/registry.md"
+        "jacobian_at_zero=...))), or, for an activation, one smoothchain.components.Elementwise class "
+        "-- see docs/registry.md"
     )
+
+
+def leaf_modules(module: nn.Module, prefix: str = "", *, strict: bool = True) -> list[tuple[str, nn.Module]]:
+    """The chain's modules in application order, with qualified names: the one walk of a PyTorch
+    model into RH's chain (Def. 2.1) that certify, check, the oracles and DSGD all use.
+
+    Registered types are leaves; ``nn.Sequential`` is expanded; a VGG-style module expands to
+    ``features``, ``avgpool`` (if any), a flatten, then ``classifier`` (torchvision's forward).
+    Any other module raises :class:`UnsupportedModuleError` -- or, with ``strict=False`` (the
+    oracles, which need only autodiff, not constants), is a leaf.
+    """
+    def sub(child: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
+        return leaf_modules(child, f"{prefix}.{name}" if prefix else name, strict=strict)
+
+    if _lookup(module) is not None:
+        return [(prefix or type(module).__name__, module)]
+    if isinstance(module, nn.Sequential):
+        # not named_children(): it skips a module used twice, which the oracles must see (and refuse)
+        return [leaf for name, child in zip(module._modules, module) for leaf in sub(child, name)]
+    if hasattr(module, "features") and hasattr(module, "classifier"):
+        out = sub(module.features, "features")
+        if getattr(module, "avgpool", None) is not None:
+            out.extend(sub(module.avgpool, "avgpool"))
+        out.append((f"{prefix}.flatten" if prefix else "flatten", nn.Flatten()))
+        out.extend(sub(module.classifier, "classifier"))
+        return out
+    if not strict:
+        return [(prefix or type(module).__name__, module)]
+    raise _unsupported(prefix or "<root>", module)
 
 
 @dataclass(frozen=True)
@@ -225,24 +138,26 @@ class ModuleChain:
     """Components of a module with display names, per-example shapes and weight norms.
 
     ``shapes[i]`` is the input shape of ``components[i]`` (``shapes[-1]`` the output), found on
-    the meta device; ``weight_norms[i]`` is ||v*|| of bi-affine component i (else None).
+    the meta device; ``weight_norms[i]`` is ||v*|| of bi-affine component i (else None);
+    ``leaves`` the (name, module) pairs of :func:`leaf_modules` and ``leaf_index[i]`` the leaf
+    that component i comes from (a batch norm gives two components of one leaf).
     """
 
     components: tuple[Component, ...]
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
     weight_norms: tuple[float | None, ...]
+    leaves: tuple[tuple[str, nn.Module], ...] = ()
+    leaf_index: tuple[int, ...] = ()
 
 
 def _meta_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    tensors = {n: torch.empty_like(t, device="meta") for n, t in module.named_parameters()}
-    tensors.update({n: torch.empty_like(t, device="meta") for n, t in module.named_buffers()})
-    was_training = module.training
-    module.train()  # batch statistics, as in RH eq. (11); no running-stat update on meta tensors
-    try:
-        return functional_call(module, tensors, (x,))
-    finally:
-        module.train(was_training)
+    """The module on a meta-device batch (shapes only, no memory): batch statistics as in RH
+    eq. (11), no running-statistics update."""
+    call = make_functional_call(module, pure=True, batch_statistics=True)
+    params = {n: torch.empty_like(t, device="meta") for n, t in call.module.named_parameters()}
+    buffers = {n: torch.empty_like(t, device="meta") for n, t in call.module.named_buffers()}
+    return call(params, x, buffers=buffers)
 
 
 def components_from_module(
@@ -262,9 +177,10 @@ def components_from_module(
     names: list[str] = []
     shapes: list[tuple[int, ...]] = []
     norms: list[float | None] = []
-    for name, leaf in leaf_modules(module):
-        converted = _lookup(leaf)(leaf, shape)  # type: ignore[misc]
-        parts = [converted] if isinstance(converted, Component) else list(converted)
+    index: list[int] = []
+    leaves = leaf_modules(module)
+    for li, (name, leaf) in enumerate(leaves):
+        parts = convert(leaf, shape)
         # the leaf's true output shape, by PyTorch itself on the meta device
         dtype = next((t.dtype for t in leaf.parameters() if t.is_floating_point()), torch.get_default_dtype())
         x = torch.empty((max(batch_size, 2),) + shape, device="meta", dtype=dtype)
@@ -279,6 +195,7 @@ def components_from_module(
         for k, part in enumerate(parts):
             part_name = name if len(parts) == 1 else f"{name}.{'norm' if k == 0 else 'affine'}"
             comps.append(part)
+            index.append(li)
             names.append(part_name)
             shapes.append(shape)
             norms.append(_weight_norm(leaf, part) if weight_norms and part.role == "bilinear" else None)
@@ -289,7 +206,7 @@ def components_from_module(
                 "check the registered converter"
             )
     shapes.append(shape)
-    return ModuleChain(tuple(comps), tuple(names), tuple(shapes), tuple(norms))
+    return ModuleChain(tuple(comps), tuple(names), tuple(shapes), tuple(norms), tuple(leaves), tuple(index))
 
 
 def _weight_norm(leaf: nn.Module, part: Component) -> float:
@@ -318,38 +235,7 @@ def torch_module(components: Sequence[Component], names: Sequence[str] | None = 
     """
     if names is not None and len(names) != len(components):
         raise ChainError(f"got {len(names)} names for {len(components)} components")
-    mods: list[nn.Module] = []
-    for c in components:
-        if isinstance(c, Linear):
-            mods.append(nn.Linear(c.in_features, c.out_features, bias=c.bias))
-        elif isinstance(c, Conv2d):
-            mods.append(nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation, bias=c.bias))
-        elif isinstance(c, ReLU):
-            mods.append(nn.ReLU())
-        elif isinstance(c, Softplus):
-            mods.append(nn.Softplus(beta=c.beta, threshold=math.inf))
-        elif isinstance(c, Sigmoid):
-            mods.append(nn.Sigmoid())
-        elif isinstance(c, Tanh):
-            mods.append(nn.Tanh())
-        elif isinstance(c, Softmax):
-            mods.append(nn.Softmax(dim=-1))
-        elif isinstance(c, MaxPool2d):
-            mods.append(nn.MaxPool2d(c.kernel_size, c.stride, c.padding, ceil_mode=c.ceil_mode))
-        elif isinstance(c, AvgPool2d):
-            mods.append(nn.AvgPool2d(c.kernel_size, c.stride, c.padding, ceil_mode=c.ceil_mode))
-        elif isinstance(c, AdaptiveAvgPool2d):
-            mods.append(nn.AdaptiveAvgPool2d(c.output_size))
-        elif isinstance(c, BatchNorm):
-            if c.over != "entry":
-                raise ChainError("only per-entry batch norm has a built-in module (EntryBatchNorm)")
-            mods.append(EntryBatchNorm(c.eps))
-        elif isinstance(c, Flatten):
-            mods.append(nn.Flatten(c.start_dim, c.end_dim))
-        elif isinstance(c, Identity):
-            mods.append(nn.Identity())
-        else:
-            raise ChainError(f"no PyTorch module for component {c!r}")
+    mods = [c.to_torch() for c in components]
     if names is None:
         return nn.Sequential(*mods)
     return nn.Sequential(OrderedDict((n.replace(".", "_"), m) for n, m in zip(names, mods)))
@@ -363,12 +249,11 @@ class EntryBatchNorm(nn.Module):
         self.eps = float(eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(dim=0, keepdim=True)
-        var = (x - mean).pow(2).mean(dim=0, keepdim=True)
-        return (x - mean) / torch.sqrt(var + self.eps)
+        return batch_normalize(x, [0], self.eps)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"
 
 
-REGISTRY[EntryBatchNorm] = lambda m, s: BatchNorm(m.eps, over="entry")
+for _component in COMPONENT_TYPES:
+    register_component(_component)

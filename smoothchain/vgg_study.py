@@ -29,6 +29,14 @@ VARIANTS = (("vgg16", None), ("vgg16-smooth", None), ("vgg16-bn", 1e-2), ("vgg16
 
 
 @dataclass(frozen=True)
+class Claim:
+    mode: str
+    statement: str
+    holds: bool
+    detail: str
+
+
+@dataclass(frozen=True)
 class StudyRow:
     model: str
     bn_eps: float | None
@@ -41,14 +49,6 @@ class StudyRow:
     @property
     def label(self) -> str:
         return self.model if self.bn_eps is None else f"{self.model} (eps={self.bn_eps:g})"
-
-
-@dataclass(frozen=True)
-class Claim:
-    mode: str
-    statement: str
-    holds: bool
-    detail: str
 
 
 @dataclass(frozen=True)

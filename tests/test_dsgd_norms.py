@@ -25,15 +25,8 @@ from hypothesis.extra import numpy as hnp
 torch = pytest.importorskip("torch")
 
 from smoothchain.dsgd import norms  # noqa: E402
-from smoothchain.dsgd.norms import (  # noqa: E402
-    dual_norm,
-    duality_map,
-    matrix_norm,
-    product_dual_norm,
-    product_duality_map,
-    product_norm,
-    spectral_norm,
-)
+from smoothchain.dsgd.norms import dual_norm, duality_map, matrix_norm, spectral_norm  # noqa: E402
+from smoothchain.dsgd.norms import product_dual_norm, product_duality_map, product_norm  # noqa: E402
 
 QS = [1, 2, math.inf]
 TOL = 1e-6

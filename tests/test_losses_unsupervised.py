@@ -24,17 +24,10 @@ from smoothchain.oracles import gauss_newton_step, gradient_step, newton_step  #
 from smoothchain.losses import loss_function  # noqa: E402
 from smoothchain.oracles.clustering import convex_clustering, convex_clustering_prox  # noqa: E402
 
-DT = torch.float64
+from cases import DT, flat, rel_err  # noqa: E402,F401
 
 
 
-def flat(ts):
-    return torch.cat([t.reshape(-1) for t in ts])
-
-
-def rel_err(a, b):
-    a, b = flat(a), flat(b)
-    return float((a - b).norm() / max(float(b.norm()), 1e-300))
 
 
 # ----------------------------------------------------------------------------- references

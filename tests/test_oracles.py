@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import pytest
 
@@ -41,87 +40,24 @@ from smoothchain.oracles.lq import (  # noqa: E402
     split_layers,
 )
 
-DT = torch.float64
+from cases import CHAINS, DT, build, flat, rel_err  # noqa: E402
+
 RTOL = 1e-8
 
 
 
 # ----------------------------------------------------------------------------- cases
-@dataclass
-class Case:
-    id: str
-    build: object  # () -> (model, x, y)
-    loss: str
-    l2: float
-
-
-def _mlp_tanh_square():
-    torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
-    return model, torch.randn(3, 3, dtype=DT), torch.randn(3, 2, dtype=DT)
-
-
-def _mlp_sigmoid_softplus_ce():
-    torch.manual_seed(2)
-    model = nn.Sequential(nn.Linear(3, 5), nn.Sigmoid(), nn.Linear(5, 4), nn.Softplus(),
-                          nn.Linear(4, 3)).to(DT)
-    return model, torch.randn(3, 3, dtype=DT), torch.tensor([0, 2, 1])
-
-
-def _cnn_softplus_ce():
-    torch.manual_seed(3)
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Softplus(), nn.AvgPool2d(2), nn.Flatten(),
-                          nn.Linear(8, 3)).to(DT)
-    return model, torch.randn(2, 1, 6, 6, dtype=DT), torch.tensor([1, 0])
-
-
-def _cnn_nested_square():
-    torch.manual_seed(4)
-    model = nn.Sequential(nn.Sequential(nn.Conv2d(2, 2, 2, bias=False), nn.Tanh()),
-                          nn.Flatten(), nn.Linear(18, 2), nn.Sigmoid()).to(DT)
-    return model, torch.randn(2, 2, 4, 4, dtype=DT), torch.randn(2, 2, dtype=DT)
-
-
-def _flatten_first_ce():
-    torch.manual_seed(5)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.Tanh(),
-                          nn.Linear(3, 2, bias=False)).to(DT)
-    return model, torch.randn(2, 2, 2, dtype=DT), torch.tensor([1, 1])
-
-
-def _soft_labels_ce():
-    torch.manual_seed(6)
-    model = nn.Sequential(nn.Linear(2, 3), nn.Softplus(), nn.Linear(3, 3)).to(DT)
-    return model, torch.randn(2, 2, dtype=DT), torch.softmax(torch.randn(2, 3, dtype=DT), 1)
-
-
-CASES = [
-    Case("mlp-tanh-square", _mlp_tanh_square, "square", 0.1),
-    Case("mlp-sigmoid-softplus-ce", _mlp_sigmoid_softplus_ce, "cross-entropy", 0.05),
-    Case("cnn-softplus-pool-ce", _cnn_softplus_ce, "cross-entropy", 0.01),
-    Case("cnn-nested-nobias-square", _cnn_nested_square, "square", 0.2),
-    Case("flatten-first-ce-l2-0", _flatten_first_ce, "cross-entropy", 0.0),
-    Case("soft-labels-ce", _soft_labels_ce, "cross-entropy", 0.03),
-]
+CASES = CHAINS
 
 
 @pytest.fixture(params=CASES, ids=[c.id for c in CASES])
 def case(request):
     c = request.param
-    model, x, y = c.build()
+    model, x, y = build(c)
     return c, model, x, y
 
 
 # ----------------------------------------------------------------------------- helpers
-def flat(ts):
-    return torch.cat([t.reshape(-1) for t in ts])
-
-
-def rel_err(a, b):
-    a, b = flat(a), flat(b)
-    return float((a - b).norm() / max(float(b.norm()), 1e-300))
-
-
 def ref_loss(loss, y):
     """The losses written independently of the library's loss table: PyTorch's own
     ``cross_entropy`` (mean; class indices or probabilities) and ``mse_loss`` (sum / 2m)."""

@@ -49,11 +49,13 @@ import torch
 from torch import nn
 
 from ..losses import f_loss_constants, squared_error
-from ..torch_chain import sequential_leaves
+from ..components import Elementwise, Sigmoid, Tanh
+from ..torch_chain import convert, leaf_modules
 from .norms import check_q, matrix_norm
 
 __all__ = [
     "ACTIVATIONS",
+    "activation_constants",
     "ActivationConstants",
     "ChainConstants",
     "LayerSpec",
@@ -78,10 +80,18 @@ class ActivationConstants:
     d2: float  # ||sigma''||_inf
 
 
-#: Supported bounded activations; extend with your own nn.Module types if their constants hold.
+def activation_constants(component: Elementwise) -> ActivationConstants:
+    """F's (||sigma||_inf, ||sigma'||_inf, ||sigma''||_inf) from the activation's own scalar facts
+    (:class:`smoothchain.components.Elementwise`, the tight ones: exact sups)."""
+    f = component.scalar_facts("tight")
+    return ActivationConstants(component.label, f.bound, f.d1, f.d2)
+
+
+#: The built-in bounded activations (a view of the components' facts); any registered
+#: :class:`~smoothchain.components.Elementwise` activation with sup|sigma| <= 1 is accepted too.
 ACTIVATIONS: dict[type, ActivationConstants] = {
-    nn.Sigmoid: ActivationConstants("sigmoid", 1.0, 0.25, 1.0 / (6.0 * math.sqrt(3.0))),
-    nn.Tanh: ActivationConstants("tanh", 1.0, 1.0, 4.0 / (3.0 * math.sqrt(3.0))),
+    type(mod): activation_constants(comp)
+    for mod, comp in ((comp.to_torch(), comp) for comp in (Sigmoid(), Tanh()))
 }
 
 # modules that leave values unchanged (Flatten is allowed only before the first Linear)
@@ -100,11 +110,11 @@ class LayerSpec:
     bias: bool
 
 
-def _activation_constants(mod: nn.Module) -> ActivationConstants | None:
-    for typ in type(mod).__mro__:
-        if typ in ACTIVATIONS:
-            return ACTIVATIONS[typ]
-    return None
+def _activation_constants(mod: nn.Module, width: int) -> ActivationConstants | None:
+    parts = convert(mod, (width,))
+    if parts is None or len(parts) != 1 or not isinstance(parts[0], Elementwise):
+        return None
+    return activation_constants(parts[0])
 
 
 def parse_model(model: nn.Module) -> list[LayerSpec]:
@@ -119,7 +129,7 @@ def parse_model(model: nn.Module) -> list[LayerSpec]:
         raise ValueError(
             f"DSGD needs an nn.Sequential of nn.Linear layers each followed by a bounded "
             f"activation (F Sec. 4), got {type(model).__name__}")
-    leaves = list(sequential_leaves(model))
+    leaves = [mod for _, mod in leaf_modules(model, strict=False)]
     layers: list[LayerSpec] = []
     pending: nn.Linear | None = None
     for pos, mod in enumerate(leaves):
@@ -137,17 +147,19 @@ def parse_model(model: nn.Module) -> list[LayerSpec]:
                     f"activation (F Assumption 4.1 i needs |sigma| <= 1 after every layer)")
             pending = mod
             continue
-        act = _activation_constants(mod)
+        if pending is None:
+            raise ValueError(f"{where}: activation without a preceding Linear layer")
+        act = _activation_constants(mod, pending.out_features)
         if act is None:
             raise ValueError(
                 f"{where} is not a supported bounded activation: F Assumption 4.1 (i) needs "
-                f"|sigma| <= 1 with bounded sigma', sigma'' (supported: "
-                f"{', '.join(t.__name__ for t in ACTIVATIONS)}; extend "
-                f"smoothchain.dsgd.bounds.ACTIVATIONS for others)")
-        if pending is None:
-            raise ValueError(f"{where}: activation without a preceding Linear layer")
-        if not (0.0 <= act.bound <= 1.0):
-            raise ValueError(f"{where}: activation bound {act.bound} exceeds 1 (F Assumption 4.1 i)")
+                f"|sigma| <= 1 with bounded sigma', sigma'' (built in: "
+                f"{', '.join(t.__name__ for t in ACTIVATIONS)}; declare others as one "
+                f"smoothchain.components.Elementwise class, docs/registry.md)")
+        if not (0.0 <= act.bound <= 1.0) or not (math.isfinite(act.d1) and math.isfinite(act.d2)):
+            raise ValueError(f"{where}: activation {act.name} has sup|sigma| = {act.bound}, sup|sigma'| = "
+                             f"{act.d1}, sup|sigma''| = {act.d2}; F Assumption 4.1 (i) needs |sigma| <= 1 "
+                             f"and bounded derivatives")
         layers.append(LayerSpec(len(layers) + 1, pending, act, pending.in_features,
                                 pending.out_features, pending.bias is not None))
         pending = None

@@ -68,6 +68,11 @@ GRAM_RTOL = 1e-6
 #: Size (min(r, c)) up to which ``method="auto"`` uses the SVD.
 AUTO_SVD_MAX = 32
 
+#: q = 1 and q = inf work block by block; the dim reduced within a block (q = 1: blocks are the
+#: columns, dim 0; q = inf: the rows, dim 1).  ||A||_q is the largest block l1 norm, ||G||_{q,*}
+#: the sum of the blocks' l_inf norms, and F's duality map puts sgn at each block's arg max.
+_BLOCK_DIM = {1.0: 0, math.inf: 1}
+
 
 def check_q(q) -> float:
     """Return q as 1.0, 2.0 or math.inf; raise ``ValueError`` naming the value otherwise."""
@@ -141,10 +146,8 @@ def matrix_norm(A, q) -> float:
     M = _as_matrix(A)[0]
     if M.numel() == 0:
         return 0.0
-    if q == 1.0:
-        return M.abs().sum(dim=0).max().item()
-    if q == math.inf:
-        return M.abs().sum(dim=1).max().item()
+    if q in _BLOCK_DIM:
+        return M.abs().sum(dim=_BLOCK_DIM[q]).max().item()
     return spectral_norm(M)
 
 
@@ -180,14 +183,17 @@ def dual_norm(G, q, *, method: str = "auto") -> float:
     M = _as_matrix(G)[0]
     if M.numel() == 0:
         return 0.0
-    if q == 1.0:
-        return M.abs().amax(dim=0).sum().item()
-    if q == math.inf:
-        return M.abs().amax(dim=1).sum().item()
+    if q in _BLOCK_DIM:
+        return _block_dual_norm(M, _BLOCK_DIM[q])
     if _pick(q, method, M) == "svd":
         return torch.linalg.svdvals(M).sum().item()
     M, s = _scaled(M)
     return _gram_eig(M, vectors=False)[0].sum().item() * s
+
+
+def _block_dual_norm(M: torch.Tensor, dim: int) -> float:
+    """F eq. (26) for q = 1 (``dim=0``) and q = inf (``dim=1``): sum of the blocks' max |M_ij|."""
+    return M.abs().amax(dim=dim).sum().item()
 
 
 def _argmax_sign(M: torch.Tensor, dim: int) -> torch.Tensor:
@@ -232,12 +238,10 @@ def duality_map(G, q, *, method: str = "auto"):
     M, was_numpy, shape, dtype = _as_matrix(G)
     if M.numel() == 0:
         return _restore(M.clone(), was_numpy, shape, dtype), 0.0
-    if q == 1.0:
-        norm = M.abs().amax(dim=0).sum().item()
-        rho = norm * _argmax_sign(M, dim=0)
-    elif q == math.inf:
-        norm = M.abs().amax(dim=1).sum().item()
-        rho = norm * _argmax_sign(M, dim=1)
+    if q in _BLOCK_DIM:  # F eqs. (27), (29)
+        dim = _BLOCK_DIM[q]
+        norm = _block_dual_norm(M, dim)
+        rho = norm * _argmax_sign(M, dim=dim)
     else:
         P, norm = _polar(M, _pick(q, method, M))
         rho = norm * P

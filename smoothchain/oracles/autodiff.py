@@ -28,8 +28,8 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
+from ..functional import make_functional_call
 from ..losses import loss_names
 
 __all__ = [
@@ -112,13 +112,15 @@ class AutodiffOracle:
         self.model = model
         self.x = x
         self.names, self.params = model_parameters(model)
+        # the model as it is (no copy; batch norm and dropout as their modes say), RH Algo. 3
+        self._call = make_functional_call(model)
         self.counter = counter if counter is not None else OracleCounter()
         self.output, self._vjp_fn = torch.func.vjp(self._psi, self.params)
         self.output = self.output.detach()
         self.counter.forward_passes += 1
 
     def _psi(self, params: Params) -> torch.Tensor:
-        return functional_call(self.model, dict(zip(self.names, params)), (self.x,))
+        return self._call(params, self.x)
 
     @property
     def output_dim(self) -> int:

@@ -21,8 +21,8 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
+from ..functional import make_functional_call
 from .autodiff import OracleCounter, loss_grad, loss_hessian, model_parameters
 
 __all__ = ["DenseProblem", "dense_problem", "dense_gradient", "dense_gauss_newton",
@@ -35,15 +35,19 @@ class DenseProblem:
     def __init__(self, model: nn.Module, x: torch.Tensor, f: Callable, l2: float):
         self.model, self.x, self.f, self.l2 = model, x, f, l2
         self.names, params = model_parameters(model)
-        self.shapes = [p.shape for p in params]
-        self.sizes = [p.numel() for p in params]
-        self.w = torch.cat([p.reshape(-1) for p in params])
+        # the model as it is (no copy), as the structured oracles call it
+        self._call = make_functional_call(model)
+        self.shapes = list(self._call.shapes)
+        self.sizes = list(self._call.sizes)
+        self.w = self._call.flatten(params)
 
     def unflatten(self, w: torch.Tensor) -> list[torch.Tensor]:
-        return [t.reshape(s) for t, s in zip(torch.split(w, self.sizes), self.shapes)]
+        """The flat vector w as tensors shaped like ``model.parameters()``."""
+        return self._call.unflatten(w)
 
     def psi(self, w: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model, dict(zip(self.names, self.unflatten(w))), (self.x,))
+        """psi(w) = the model's output on the batch, with the flat parameters w."""
+        return self._call(w, self.x)
 
     def loss(self, w: torch.Tensor) -> torch.Tensor:
         """f(psi(w)) (without the regulariser)."""

@@ -35,13 +35,14 @@ how many times the chain is traversed by autodiff, not the arithmetic.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
-from ..torch_chain import sequential_leaves
+from ..functional import FunctionalModule, make_functional_call
+from ..torch_chain import leaf_modules
 from .autodiff import OracleCounter, loss_grad, loss_hessian
 
 __all__ = [
@@ -82,16 +83,22 @@ class ChainLayer:
         """v_l, the layer's parameters flattened and concatenated."""
         return torch.cat([p.detach().reshape(-1) for p in self.params])
 
+    @cached_property
+    def function(self) -> FunctionalModule:
+        """The layer's first module as a function of v_l (called as it is, no copy)."""
+        call = make_functional_call(self.modules[0])
+        if call.names != tuple(self.names):
+            raise ValueError(f"the layer's names {list(self.names)} are not the parameters "
+                             f"{list(call.names)} of its first module")
+        return call
+
     def unflatten(self, v: torch.Tensor) -> list[torch.Tensor]:
-        out, start = [], 0
-        for p in self.params:
-            out.append(v[start:start + p.numel()].reshape(p.shape))
-            start += p.numel()
-        return out
+        """v_l as tensors shaped like the layer's parameters."""
+        return self.function.unflatten(v)
 
     def apply(self, v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """phi_l(v, z) on structured activations z (batch first)."""
-        h = functional_call(self.modules[0], dict(zip(self.names, self.unflatten(v))), (z,))
+        h = self.function(v, z)
         for mod in self.modules[1:]:
             h = mod(h)
         return h
@@ -121,7 +128,7 @@ def split_layers(model: nn.Module) -> ChainLayers:
         raise TypeError(f"the DP oracles need an nn.Sequential chain, got {type(model).__name__}")
     pre: list[nn.Module] = []
     groups: list[list[nn.Module]] = []
-    for mod in sequential_leaves(model):
+    for _, mod in leaf_modules(model, strict=False):
         if any(True for _ in mod.parameters()):
             groups.append([mod])
         elif groups:
