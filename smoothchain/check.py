@@ -250,14 +250,7 @@ def check(
     w_star = flat_parameters(model)
     centre = w_star if around_weights else torch.zeros_like(w_star)
     pts = [_random_point(centre, blocks, radius, gen, boundary=(i % 2 == 0)) for i in range(points)]
-
-    with torch.no_grad():
-        out = model(x)
-    if loss == "cross-entropy":
-        y = torch.randint(0, out.shape[-1], (batch_size,), generator=gen)
-    else:
-        y = torch.randn(out.shape, generator=gen, dtype=torch.float64)
-        y = y * (target_norm / y.flatten(1).norm(dim=1).clamp_min(1e-300)).reshape((-1,) + (1,) * (y.dim() - 1))
+    y = _random_targets(model, x, loss, target_norm, gen)
 
     leaves = leaf_modules(model)
     rows: list[LayerCheck] = []
@@ -289,6 +282,28 @@ def check(
 
     say("check: objective smoothness")
     F = objective(model, x, y, loss=loss, l2=l2)
+    obj_best, where["objective_smoothness"] = _objective_estimate(F, pts, centre, blocks, radius, ascent_steps,
+                                                                   iters, seed)
+    certified = {k: getattr(cert.bounds, k) for k in QUANTITIES}
+    certified["objective_smoothness"] = cert.objective.smoothness
+    estimated = {k: full_est[k][0] for k in QUANTITIES}
+    estimated["objective_smoothness"] = obj_best
+    violations = _violations(rows, certified["objective_smoothness"], obj_best, tolerance)
+    return CheckResult(cert, certified, estimated, tuple(rows), tuple(violations), tolerance, points, ascent_steps, where)
+
+
+def _random_targets(model, x, loss: str, target_norm: float, gen) -> torch.Tensor:
+    """Random classes (cross-entropy) or random targets of norm ``target_norm`` per example (square)."""
+    with torch.no_grad():
+        out = model(x)
+    if loss == "cross-entropy":
+        return torch.randint(0, out.shape[-1], (x.shape[0],), generator=gen)
+    y = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    return y * (target_norm / y.flatten(1).norm(dim=1).clamp_min(1e-300)).reshape((-1,) + (1,) * (y.dim() - 1))
+
+
+def _objective_estimate(F, pts, centre, blocks, radius, ascent_steps, iters, seed) -> tuple[float, str]:
+    """The largest top Hessian eigenvalue of F found at the points and after ascent, and where."""
     obj_best, obj_where = 0.0, ""
     for i, w in enumerate(pts):
         est = hessian_top_eig(F, w, method="lanczos", iters=iters, seed=seed + i)
@@ -308,12 +323,11 @@ def check(
         for val, label in cands:
             if val > obj_best:
                 obj_best, obj_where = val, label
-    where["objective_smoothness"] = obj_where
+    return obj_best, obj_where
 
-    certified = {k: getattr(cert.bounds, k) for k in QUANTITIES}
-    certified["objective_smoothness"] = cert.objective.smoothness
-    estimated = {k: full_est[k][0] for k in QUANTITIES}
-    estimated["objective_smoothness"] = obj_best
+
+def _violations(rows, certified_objective: float, obj_best: float, tolerance: float) -> list[dict]:
+    """Each estimate above its certified value times (1 + tolerance)."""
     violations = []
     for r in rows:
         for k in QUANTITIES:
@@ -321,10 +335,10 @@ def check(
             if est is not None and est > r.certified[k] * (1 + tolerance):
                 violations.append({"layer": r.index, "name": r.name, "quantity": k,
                                    "certified": json_number(r.certified[k]), "estimated": est})
-    if obj_best > certified["objective_smoothness"] * (1 + tolerance):
+    if obj_best > certified_objective * (1 + tolerance):
         violations.append({"layer": None, "name": "objective", "quantity": "objective_smoothness",
-                           "certified": json_number(certified["objective_smoothness"]), "estimated": obj_best})
-    return CheckResult(cert, certified, estimated, tuple(rows), tuple(violations), tolerance, points, ascent_steps, where)
+                           "certified": json_number(certified_objective), "estimated": obj_best})
+    return violations
 
 
 def plot_check(result: CheckResult, path) -> None:
