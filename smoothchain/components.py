@@ -338,10 +338,10 @@ class Elementwise(Component):
     :class:`ScalarFacts` (``facts``, and ``paper_facts`` where RH prints other values), its
     PyTorch types and its functional forward :meth:`function`.
 
-    RH's constants follow (App. B.4; entries over the batch eta = m x prod(shape), Euclidean
+    RH's constants follow (App. B.4; eta = m x prod(shape) entries over the batch, Euclidean
     norms over the whole batch): bound sqrt(eta) sup|a|, Lipschitz sup|a'|, smoothness sup|a''|
-    (||a'(Z) (.) H - a'(Z') (.) H|| <= sup|a''| ||Z - Z'||_max-wise ||H||), value at zero
-    sqrt(eta) |a(0)|, Jacobian at zero |a'(0)|.  F's activation constants (Assumption 4.1 i,
+    (the Jacobian is diag(a'(z)), and ||(a'(z) - a'(z')) (.) h|| <= max_i |a'(z_i) - a'(z'_i)| ||h||
+    <= sup|a''| ||z - z'|| ||h||), value at zero sqrt(eta) |a(0)|, Jacobian at zero |a'(0)|.  F's activation constants (Assumption 4.1 i,
     DSGD) are (sup|a|, sup|a'|, sup|a''|) of the tight facts.
     """
 
@@ -364,11 +364,14 @@ class Elementwise(Component):
         raise NotImplementedError(f"{type(self).__name__} declares no function")
 
     def to_torch(self):
+        """The first of ``torch_types`` with its default arguments, else a module applying
+        :meth:`function`."""
         from torch import nn
 
-        first = self.torch_types[0] if self.torch_types else None
-        if isinstance(first, str) and "." not in first:
-            return getattr(nn, first)()
+        if self.torch_types:  # the first declared type, built with its defaults
+            from .torch_chain import resolve_torch_type
+
+            return resolve_torch_type(self.torch_types[0])()
         component = self
 
         class _Apply(nn.Module):

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.func import jvp, vjp
 
 from .functional import flat_parameters, make_functional_call
-from .losses import loss_function, loss_names
+from .losses import SUPERVISED_LOSSES, loss_function
 
 __all__ = [
     "ESTIMATOR_LOSSES",
@@ -59,7 +59,7 @@ Psi = Callable[[Tensor], Tensor]
 Scalar = Callable[[Tensor], Tensor]
 
 #: the losses the estimators (and ``check``) take: the certified ones reading targets
-ESTIMATOR_LOSSES = loss_names(certified=True, reads=("targets",))
+ESTIMATOR_LOSSES = SUPERVISED_LOSSES
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ __all__ = [
     "loss_names",
     "squared_error",
     "ALIASES",
+    "SUPERVISED_LOSSES",
 ]
 
 MODES = ("paper", "tight")
@@ -292,3 +293,7 @@ def f_loss_constants(n_out: int, q: float, data_bound: float = 1.0, loss: str = 
         names = [n for n, r in LOSSES.items() if r.f_constants is not None]
         raise ValueError(f"no F constants for loss {loss!r}; DSGD supports {', '.join(names)}")
     return row.f_constants(int(n_out), q, data_bound)
+
+
+#: the certified losses of a supervised batch (they read the targets y): cross-entropy, square
+SUPERVISED_LOSSES = loss_names(certified=True, reads=("targets",))

@@ -6,7 +6,8 @@
 * ``vgg16-bn`` -- ``vgg16-smooth`` with batch normalisation (RH eq. 11, per entry across the
   batch, parameter ``bn_eps``) added to every convolutional layer after its activation and
   pooling (Def. 2.1 order, RH Sec. 5.2).
-* ``mlp`` -- 64-32-10 with tanh, logits out (scikit-learn digits, 8x8 images flattened).
+* ``mlp`` -- 64-32-10 with tanh, logits out (scikit-learn digits, 8x8 images flattened);
+  ``wide`` -- the same with 256 hidden units (over-parameterised on a few samples: ``pl``).
 * ``cnn`` -- for 1x8x8 digits: two 3x3 convolutions (8 and 16 filters, padding 1) each with
   softplus and 2x2 average pooling, then flatten and a linear layer to 10 logits.
 
@@ -83,9 +84,9 @@ def _vgg16(variant: str, bn_eps: float = 1e-5, num_classes: int = 1000) -> Built
     return BuiltinModel(variant, tuple(comps), tuple(names), (3, 224, 224))
 
 
-def _mlp() -> BuiltinModel:
-    comps = (Linear(64, 32), Tanh(), Linear(32, 10))
-    return BuiltinModel("mlp", comps, ("fc1", "fc1.act", "fc2"), (64,))
+def _mlp(name: str = "mlp", hidden: int = 32) -> BuiltinModel:
+    comps = (Linear(64, hidden), Tanh(), Linear(hidden, 10))
+    return BuiltinModel(name, comps, ("fc1", "fc1.act", "fc2"), (64,))
 
 
 def _cnn() -> BuiltinModel:
@@ -108,6 +109,7 @@ BUILTIN_MODELS: dict[str, Callable[..., BuiltinModel]] = {
     "vgg16-smooth": lambda **kw: _vgg16("vgg16-smooth"),
     "vgg16-bn": lambda bn_eps=1e-5, **kw: _vgg16("vgg16-bn", bn_eps=bn_eps),
     "mlp": lambda **kw: _mlp(),
+    "wide": lambda **kw: _mlp("wide", 256),
     "cnn": lambda **kw: _cnn(),
 }
 

@@ -56,6 +56,8 @@ __all__ = [
     "compose_pl",
     "pl_over_ball",
     "NeighbourhoodPL",
+    "PLReport",
+    "pl_report",
 ]
 
 
@@ -235,3 +237,26 @@ def pl_over_ball(
         if val < best:
             best, where = val, f"point {i}"
     return NeighbourhoodPL(centre, best, where, float(radius), int(points), tuple(values))
+
+
+@dataclass(frozen=True)
+class PLReport:
+    """sigma_min and the PL constant of the loss at w0 (``at_centre``) and over the sampled
+    ball B(w0, R) (``over_ball``, from the smallest sigma_min found); what ``smoothchain pl`` prints."""
+
+    neighbourhood: NeighbourhoodPL
+    at_centre: PLConstant
+    over_ball: PLConstant
+
+
+def pl_report(model: torch.nn.Module, x: Tensor, *, loss: str = "mse", radius: float = 0.1, points: int = 6,
+              seed: int = 0, method: str = "auto") -> PLReport:
+    """The PL constants of ``loss`` for ``model`` on the N = ``len(x)`` samples ``x``: sigma_min of
+    the stacked per-sample Jacobians (:func:`pl_over_ball` on :func:`~smoothchain.estimators.functional_chain`)
+    turned into mu by the lecture's "PL condition for MSE loss" (:func:`mse_pl_constant`)."""
+    from .estimators import functional_chain
+
+    psi, w0 = functional_chain(model, x)
+    res = pl_over_ball(psi, w0, radius, points=points, seed=seed, method=method)
+    n = int(x.shape[0])
+    return PLReport(res, mse_pl_constant(res.at_centre.value, n, loss), mse_pl_constant(res.minimum, n, loss))

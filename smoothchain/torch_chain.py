@@ -32,6 +32,7 @@ __all__ = [
     "components_from_module",
     "leaf_modules",
     "convert",
+    "resolve_torch_type",
     "torch_module",
 ]
 
@@ -55,7 +56,8 @@ def register_module(module_type: type, converter: Converter) -> None:
     REGISTRY[module_type] = converter
 
 
-def _resolve(torch_type) -> type:
+def resolve_torch_type(torch_type) -> type:
+    """A ``torch_types`` entry as a type: a name in ``torch.nn``, a dotted path, or a type."""
     if isinstance(torch_type, type):
         return torch_type
     if "." not in torch_type:
@@ -72,7 +74,7 @@ def register_component(component_type: type) -> type:
     if not component_type.torch_types:
         raise TypeError(f"{component_type.__name__} declares no torch_types: nothing to register")
     for t in component_type.torch_types:
-        register_module(_resolve(t), component_type.from_torch)
+        register_module(resolve_torch_type(t), component_type.from_torch)
     return component_type
 
 

@@ -45,3 +45,52 @@ def test_every_builtin_component_round_trips_through_torch():
     for cls in COMPONENT_TYPES:
         comp, shape = examples[cls] if cls in examples else (cls(), (4,))
         assert convert(comp.to_torch(), shape) == [comp], cls
+
+
+def _module_level_imports(path: Path, package: str) -> set[str]:
+    """smoothchain modules imported by ``path`` at module level (imports inside functions are
+    the deliberate lazy ones that keep the core torch-free)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    here = package.split(".")
+    out: set[str] = set()
+    for node in tree.body:  # top-level statements only
+        if isinstance(node, ast.ImportFrom):
+            base = here[: len(here) - node.level + 1] if node.level else []
+            mod = ".".join(base + ([node.module] if node.module else [])) if node.level else (node.module or "")
+            if mod.startswith("smoothchain"):
+                out.add(mod)
+                out.update(f"{mod}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("smoothchain"))
+    return out
+
+
+def test_no_import_cycle_in_the_package():
+    pkg = ROOT / "smoothchain"
+    modules = {}
+    for path in pkg.rglob("*.py"):
+        rel = path.relative_to(ROOT).with_suffix("")
+        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        package = name if rel.name == "__init__" else name.rpartition(".")[0]
+        modules[name] = (path, package)
+    graph = {name: {m for m in _module_level_imports(path, package) if m in modules and m != name}
+             for name, (path, package) in modules.items()}
+    # a package's __init__ importing its own submodules is not a cycle through them
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in graph[node]:
+            if nxt.startswith(node + ".") or node.startswith(nxt + ".") and nxt in modules:
+                continue  # parent package <-> its submodule
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = 2
+
+    for name in graph:
+        if name not in state:
+            visit(name, [name])

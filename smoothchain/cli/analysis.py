@@ -9,16 +9,15 @@ from __future__ import annotations
 import math
 import sys
 
-from ..components import Linear, Tanh
-from ..models import BuiltinModel
+from ..losses import SUPERVISED_LOSSES
 from ..spec import json_number
 from .common import CLIError, emit, errors_as_cli, load_model
 from .options import integer, real
 
 __all__ = ["register"]
 
-#: the built-in ``mlp`` (64-32-10 tanh) and this wider one are the models of ``pl`` and ``rates noise``
-WIDE = BuiltinModel("wide", (Linear(64, 256), Tanh(), Linear(256, 10)), ("fc1", "fc1.act", "fc2"), (64,))
+#: the built-in MLPs of ``pl`` and ``rates noise`` (smoothchain.models: 64-32-10 and 64-256-10 tanh)
+MLPS = ("mlp", "wide")
 
 _pos_float = real(0.0, strict=True, finite=True)
 _nonneg_float = real(0.0, finite=True)
@@ -61,7 +60,7 @@ def register(sub) -> None:
     n.add_argument("--examples", type=_int(2), default=200, help="data set size n (default 200)")
     n.add_argument("--batch-size", type=_int(1), default=16)
     n.add_argument("--samples", type=_int(2), default=100, help="mini-batches drawn (default 100)")
-    n.add_argument("--loss", choices=("square", "cross-entropy"), default="cross-entropy")
+    n.add_argument("--loss", choices=SUPERVISED_LOSSES, default="cross-entropy")
     n.add_argument("--seed", type=int, default=0)
     n.add_argument("--json", action="store_true")
     n.set_defaults(handler=_cmd_noise)
@@ -83,12 +82,12 @@ def _rate_parser(rs, kind: str, help: str, handler, *, min_iterations: int, eta:
 
 
 def _mlp(name: str, seed: int):
-    """The seeded float64 module of ``mlp`` or ``wide`` (:data:`WIDE`)."""
+    """The seeded float64 module of ``mlp`` or ``wide``."""
     import torch
 
-    if name not in ("mlp", "wide"):
+    if name not in MLPS:
         raise CLIError(f"unknown model {name!r}; choose mlp or wide (or use --module)")
-    return load_model(WIDE if name == "wide" else name, seed=seed, dtype=torch.float64).module
+    return load_model(name, seed=seed, dtype=torch.float64).module
 
 
 def _data(kind: str, n: int, shape, seed: int):
@@ -123,8 +122,7 @@ def _emit(args, doc: dict, text: str) -> int:
 def _cmd_pl(args) -> int:
     import torch
 
-    from ..estimators import functional_chain
-    from ..pl import mse_pl_constant, pl_over_ball
+    from ..pl import pl_report
 
     if args.module:
         model, name, shape = load_model(module=args.module, input_shape=args.input_shape, dtype=torch.float64)
@@ -136,11 +134,10 @@ def _cmd_pl(args) -> int:
         name = args.model or "mlp"
         model, shape = _mlp(name, args.seed), (64,)
     x, _, _ = _data(args.data, args.samples, shape, args.seed)
-    psi, w0 = functional_chain(model, x)
-    res = pl_over_ball(psi, w0, args.radius, points=args.points, seed=args.seed, method=args.method)
+    report = _wrap(pl_report, model, x, loss=args.loss, radius=args.radius, points=args.points, seed=args.seed,
+                   method=args.method)
+    res, mu0, mu_b = report.neighbourhood, report.at_centre, report.over_ball
     c = res.at_centre
-    mu0 = mse_pl_constant(c.value, args.samples, args.loss)
-    mu_b = mse_pl_constant(res.minimum, args.samples, args.loss)
     doc = {
         "model": name, "data": args.data, "samples": args.samples, "outputs": c.outputs, "parameters": c.parameters,
         "over_parameterised": c.parameters >= c.outputs, "loss": args.loss, "method": c.method,

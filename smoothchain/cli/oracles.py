@@ -8,6 +8,7 @@ Registered through ``smoothchain.cli.main.SUBCOMMANDS``; PyTorch is imported ins
 
 from __future__ import annotations
 
+from ..losses import SUPERVISED_LOSSES
 from ..report import fmt_number
 from .common import emit, errors_as_cli, format_table, load_model
 from .options import integer, real
@@ -29,7 +30,7 @@ def register(sub) -> None:
     src.add_argument("--module", metavar="FILE.py:FACTORY", help="a user's nn.Sequential: FACTORY() returns it")
     p.add_argument("--input-shape", metavar="C,H,W|D", help="per-example input shape (default: the model's)")
     p.add_argument("--batch-size", type=_pos_int, default=4, metavar="M", help="batch size m (default 4)")
-    p.add_argument("--loss", choices=("cross-entropy", "square"), default="cross-entropy")
+    p.add_argument("--loss", choices=SUPERVISED_LOSSES, default="cross-entropy")
     p.add_argument("--l2", type=real(0.0, finite=True), default=0.0, metavar="LAMBDA", help="r(w) = LAMBDA/2 ||w||^2")
     p.add_argument("--gamma", type=real(0.0, strict=True, finite=True), default=1.0, help="step size of the oracle steps (default 1)")
     p.add_argument("--no-steps", action="store_true", help="per-layer costs only (skip the oracle steps)")
