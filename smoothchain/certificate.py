@@ -116,7 +116,7 @@ def build_chain(
     if isinstance(model, str):
         model = builtin(model, bn_eps=bn_eps)
     names = None
-    weight_norms = None
+    weight_norms = norms_at_weights = None
     if isinstance(model, BuiltinModel):
         if around_weights:
             from .torch_chain import torch_module
@@ -145,8 +145,9 @@ def build_chain(
 
         mc = components_from_module(model, input_shape, batch_size, weight_norms=around_weights)
         components, names, shapes = list(mc.components), list(mc.names), list(mc.shapes)
-        weight_norms = list(mc.weight_norms) if around_weights else None
-    layers = build_layers(components, shapes, batch_size, mode, names, weight_norms)
+        if around_weights:
+            weight_norms, norms_at_weights = list(mc.weight_norms), list(mc.norms_at_weights)
+    layers = build_layers(components, shapes, batch_size, mode, names, weight_norms, norms_at_weights)
     chain = Chain(tuple(layers), input_norm=input_norm, radius=radius)
     return chain.around_weights() if around_weights else chain
 

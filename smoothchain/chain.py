@@ -95,19 +95,25 @@ class Layer:
         name: display name.
         weight_norm: ||v*_l||_2, the layer's current weight norm, used only by
             :meth:`Chain.around_weights` (RH Cor. 4.5). ``None`` when unknown.
+        input_operator_norm: an upper bound on ||z -> beta_l(v*_l, z)||, the layer's input map at
+            its actual weights (e.g. the spectral norm of W*), or ``None``: then
+            L_beta ||v*_l|| is used (docs/tight-constants.md, "Around the weights").
+        offset_value_norm: an upper bound on ||beta^v_l(v*_l)|| (e.g. the bias broadcast over the
+            batch), or ``None``: then l_beta^v ||v*_l|| is used.
     """
 
     bilinear: BilinearConstants
     nonlinear: tuple[ComponentConstants, ...] = ()
     name: str = ""
     weight_norm: float | None = None
+    input_operator_norm: float | None = None
+    offset_value_norm: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nonlinear", tuple(self.nonlinear))
-        if self.weight_norm is not None:
-            object.__setattr__(
-                self, "weight_norm", _check_constant(self.weight_norm, f"{self.name or 'layer'}.weight_norm")
-            )
+        for attr in ("weight_norm", "input_operator_norm", "offset_value_norm"):
+            if getattr(self, attr) is not None:
+                object.__setattr__(self, attr, _check_constant(getattr(self, attr), f"{self.name or 'layer'}.{attr}"))
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,12 @@ class Chain:
         psi(v* + Delta) is a chain in Delta whose bi-affine parts have
         l_beta^z + L_beta ||v*_l|| in place of l_beta^z and ||beta^0|| + l_beta^v ||v*_l|| in
         place of ||beta^0|| (proof of RH Cor. 4.5). Needs every layer's ``weight_norm``.
+
+        Where a layer knows the norms at its actual weights (``input_operator_norm`` >=
+        ||beta(v*, .)||, ``offset_value_norm`` >= ||beta^v(v*)||), those replace L_beta ||v*|| and
+        l_beta^v ||v*|| when smaller: b(v* + D, z) = beta(D, z) + [beta(v*, z) + beta^z(z)]
+        + beta^v(D) + [beta^v(v*) + beta^0], so the shifted input map and offset have exactly
+        these norms (docs/tight-constants.md, "Around the weights").
         """
         if self.centre == "weights":
             raise ChainError("chain is already centred at the weights")
@@ -158,11 +170,16 @@ class Chain:
                     "balls around the weights (--around-weights) need ||v*_l|| for every layer"
                 )
             b, w = layer.bilinear, layer.weight_norm
+            z_map, offset = _mul(b.smoothness, w), _mul(b.weight_lipschitz, w)
+            if layer.input_operator_norm is not None:
+                z_map = min(z_map, layer.input_operator_norm)
+            if layer.offset_value_norm is not None:
+                offset = min(offset, layer.offset_value_norm)
             shifted = BilinearConstants(
                 smoothness=b.smoothness,
                 weight_lipschitz=b.weight_lipschitz,
-                input_lipschitz=b.input_lipschitz + _mul(b.smoothness, w),
-                offset_norm=b.offset_norm + _mul(b.weight_lipschitz, w),
+                input_lipschitz=b.input_lipschitz + z_map,
+                offset_norm=b.offset_norm + offset,
             )
             layers.append(replace(layer, bilinear=shifted))
         return replace(self, layers=tuple(layers), centre="weights")

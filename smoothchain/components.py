@@ -34,6 +34,8 @@ __all__ = [
     "ScalarFacts",
     "UnsupportedModuleError",
     "COMPONENT_TYPES",
+    "WeightNorms",
+    "conv_operator_bound",
     "Unflatten",
     "Linear",
     "Conv2d",
@@ -72,6 +74,32 @@ BATCHNORM_SMOOTHNESS_FACTOR = _bn_factor()  # ~1.6051
 
 class UnsupportedModuleError(ChainError):
     """A module type with no registered constants, or a configuration a component cannot take."""
+
+
+@dataclass(frozen=True)
+class WeightNorms:
+    """Exact norms of a bi-affine component at its actual parameters v* (upper bounds up to a
+    rounding margin): ``input_operator`` >= ||z -> beta(v*, z)||_op over the batch and
+    ``offset`` >= ||beta^v(v*)||_2 (e.g. the bias broadcast over the batch)."""
+
+    input_operator: float
+    offset: float
+
+
+#: relative margin on norms computed in float64 (singular values are backward stable: the
+#: computed sigma is within ~n eps ||A|| of the exact one; 1e-9 covers n up to ~10^6)
+NORM_MARGIN = 1e-9
+
+
+def _upper(x: float) -> float:
+    return float(x) * (1.0 + NORM_MARGIN) + 1e-300
+
+
+def _bias_offset(bias, rows: int) -> float:
+    """||b 1^T||_F = sqrt(rows) ||b||: a bias broadcast over ``rows`` positions of the batch."""
+    if bias is None:
+        return 0.0
+    return _upper(math.sqrt(rows) * float(bias.detach().double().norm()))
 
 
 def _prod(shape: Sequence[int]) -> int:
@@ -142,6 +170,12 @@ class Component:
         """A PyTorch module computing this component (built-in models, tests)."""
         raise ChainError(f"no PyTorch module for component {self!r}")
 
+    def weight_norms_at(self, weight, bias, shape: tuple[int, ...], batch_size: int) -> "WeightNorms | None":
+        """For a bi-affine component with parameters (``weight``, ``bias``) = v*: upper bounds on
+        ||z -> beta(v*, z)|| and ||beta^v(v*)|| (:class:`WeightNorms`), used by ``tight`` balls
+        around the weights (docs/tight-constants.md, "Around the weights"); None if unknown."""
+        return None
+
     def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         return shape
 
@@ -194,6 +228,13 @@ class Linear(Component):
         rows = batch_size * _prod(shape[:-1])
         return BilinearConstants(1.0, math.sqrt(rows) if self.bias else 0.0, 0.0, 0.0)
 
+    def weight_norms_at(self, weight, bias, shape, batch_size):
+        """||W*||_2 (exact, float64 SVD) and sqrt(rows) ||b*||."""
+        import torch
+
+        op = float(torch.linalg.matrix_norm(weight.detach().double(), ord=2))
+        return WeightNorms(_upper(op), _bias_offset(bias, batch_size * _prod(shape[:-1])))
+
     @property
     def label(self):
         return f"linear({self.in_features}->{self.out_features})"
@@ -213,6 +254,45 @@ def _conv_padding(module) -> tuple[int, int]:
             pads.append(total // 2)
         return tuple(pads)  # type: ignore[return-value]
     return tuple(module.padding)  # type: ignore[return-value]
+
+
+def conv_operator_bound(weight, dilation=(1, 1), multiplicity_root: float | None = None, grid: int = 128,
+                        max_work: float = 2e9) -> float:
+    """A sound upper bound on the operator norm of a zero-padded 2-D convolution with kernel
+    ``weight`` (c_out, c_in, kh, kw), any stride and padding (docs/tight-constants.md, "Around
+    the weights"), the least of:
+
+    * ``multiplicity_root`` x ||W||_F (the tight L_beta times the kernel norm), if given;
+    * sum_{i,j} ||W[:, :, i, j]||_2: the convolution is sum over offsets of a channel map
+      followed by a shift-and-restrict, a partial isometry;
+    * sup over the frequency torus of ||K(theta)||_2, K(theta) = sum_{i,j} W[:, :, i, j]
+      e^{-i theta . o_ij} the symbol (a restriction of the bi-infinite Toeplitz operator, whose
+      norm is that sup), from a ``grid`` x ``grid`` sample of the torus plus the Lipschitz margin
+      (pi / grid) sum_ij ||W_ij||_2 (|o_ij,1| + |o_ij,2|) with offsets o taken from the kernel's
+      centre -- computed only when about ``max_work`` flops or fewer are needed.
+
+    Computed in float64 with the relative margin :data:`NORM_MARGIN`.
+    """
+    import torch
+
+    W = weight.detach().double()
+    c_out, c_in, kh, kw = W.shape
+    dh, dw = dilation
+    per_offset = torch.linalg.matrix_norm(W.permute(2, 3, 0, 1), ord=2)  # (kh, kw)
+    best = float(per_offset.sum())
+    if multiplicity_root is not None:
+        best = min(best, multiplicity_root * float(W.norm()))
+    work = grid * grid * c_out * c_in * min(c_out, c_in) * 10
+    if work <= max_work and grid > max((kh - 1) * dh, (kw - 1) * dw):
+        padded = W.new_zeros(c_out, c_in, grid, grid)
+        padded[:, :, : (kh - 1) * dh + 1 : dh, : (kw - 1) * dw + 1 : dw] = W
+        symbol = torch.fft.fft2(padded).permute(2, 3, 0, 1)  # (grid, grid, c_out, c_in)
+        sampled = float(torch.linalg.matrix_norm(symbol, ord=2).max())
+        ii = (torch.arange(kh, dtype=torch.float64) - (kh - 1) / 2).abs() * dh
+        jj = (torch.arange(kw, dtype=torch.float64) - (kw - 1) / 2).abs() * dw
+        margin = math.pi / grid * float((per_offset * (ii[:, None] + jj[None, :])).sum())
+        best = min(best, sampled + margin)
+    return _upper(best)
 
 
 @dataclass(frozen=True)
@@ -285,6 +365,14 @@ class Conv2d(Component):
         smooth = math.sqrt(n_p) if mode == "paper" else math.sqrt(self.multiplicity(shape))
         return BilinearConstants(smooth, math.sqrt(n_p * batch_size) if self.bias else 0.0, 0.0, 0.0)
 
+    def weight_norms_at(self, weight, bias, shape, batch_size):
+        """An upper bound on the operator norm of the convolution with kernel W*, the least of
+        sqrt(mu) ||W*||_F, sum_offsets ||W*[:, :, i, j]||_2 and the sampled symbol bound
+        (:func:`conv_operator_bound`); the bias broadcast over the n_p output positions."""
+        out = self._out_hw(shape)
+        op = conv_operator_bound(weight, self.dilation, math.sqrt(self.multiplicity(shape)))
+        return WeightNorms(op, _bias_offset(bias, batch_size * out[0] * out[1]))
+
     @property
     def label(self):
         return f"conv{self.kernel_size[0]}x{self.kernel_size[1]}({self.in_channels}->{self.out_channels})"
@@ -313,6 +401,11 @@ class ChannelAffine(Component):
         self.output_shape(shape)
         positions = _prod(shape[1:])
         return BilinearConstants(1.0, math.sqrt(batch_size * positions) if self.bias else 0.0, 0.0, 0.0)
+
+    def weight_norms_at(self, weight, bias, shape, batch_size):
+        """max_c |gamma*_c| (the scaling is diagonal) and beta* broadcast over the batch and positions."""
+        op = float(weight.detach().double().abs().max()) if weight is not None else 1.0
+        return WeightNorms(_upper(op), _bias_offset(bias, batch_size * _prod(shape[1:])))
 
 
 # --------------------------------------------------------------------------- non-linear parts
@@ -838,19 +931,22 @@ def build_layers(
     mode: str,
     names: Sequence[str] | None = None,
     weight_norms: Sequence[float | None] | None = None,
+    norms_at_weights: Sequence["WeightNorms | None"] | None = None,
 ) -> list[Layer]:
     """Group components into RH layers (Def. 2.1, eq. 7) with their constants.
 
     ``shapes[i]`` is the input shape of ``components[i]``.  A bi-affine component opens a layer;
     non-linear components join the current one.  Non-linear components before the first
     bi-affine one form a parameter-free layer with b = identity (l_beta^z = 1).
-    ``weight_norms[i]`` is the norm of the parameters of bi-affine component i (RH Cor. 4.5).
+    ``weight_norms[i]`` is the norm of the parameters of bi-affine component i (RH Cor. 4.5);
+    ``norms_at_weights[i]`` its :class:`WeightNorms`, used in ``tight`` mode only (``paper``
+    keeps Cor. 4.5 as printed).
     """
     _check_mode(mode)
     if batch_size < 1:
         raise ChainError(f"batch size must be >= 1, got {batch_size}")
     layers: list[Layer] = []
-    current = None  # [bilinear, [nonlinear...], name, weight_norm]
+    current = None  # [bilinear, [nonlinear...], name, weight_norm, WeightNorms | None]
     for i, comp in enumerate(components):
         role = comp.role
         name = names[i] if names is not None else comp.label
@@ -861,14 +957,15 @@ def build_layers(
             if not isinstance(consts, BilinearConstants):
                 raise ChainError(f"component {name!r} is bi-affine but its constants are {type(consts).__name__}")
             if current is not None:
-                layers.append(Layer(current[0], tuple(current[1]), current[2], current[3]))
+                layers.append(_layer(*current))
             wn = weight_norms[i] if weight_norms is not None else None
-            current = [consts, [], name, wn]
+            at = norms_at_weights[i] if norms_at_weights is not None and mode == "tight" else None
+            current = [consts, [], name, wn, at]
         elif role == "nonlinear":
             if not isinstance(consts, ComponentConstants):
                 raise ChainError(f"component {name!r} is non-linear but its constants are {type(consts).__name__}")
             if current is None:
-                current = [BilinearConstants(0.0, 0.0, 1.0, 0.0), [], "input", 0.0]
+                current = [BilinearConstants(0.0, 0.0, 1.0, 0.0), [], "input", 0.0, None]
             if not consts.name:
                 consts = ComponentConstants(
                     consts.bound, consts.lipschitz, consts.smoothness, consts.value_at_zero, consts.jacobian_at_zero, name
@@ -877,7 +974,12 @@ def build_layers(
         else:
             raise ChainError(f"component {name!r} has unknown role {role!r}")
     if current is not None:
-        layers.append(Layer(current[0], tuple(current[1]), current[2], current[3]))
+        layers.append(_layer(*current))
     if not layers:
         raise ChainError("the model has no layer with parameters or non-linear part to certify")
     return layers
+
+
+def _layer(bilinear, nonlinear, name, weight_norm, at) -> Layer:
+    return Layer(bilinear, tuple(nonlinear), name, weight_norm,
+                 None if at is None else at.input_operator, None if at is None else at.offset)

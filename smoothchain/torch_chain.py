@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .chain import ChainError
-from .components import COMPONENT_TYPES, ChannelAffine, Component, UnsupportedModuleError
+from .components import COMPONENT_TYPES, ChannelAffine, Component, UnsupportedModuleError, WeightNorms
 from .functional import batch_normalize, make_functional_call
 
 __all__ = [
@@ -142,7 +142,9 @@ class ModuleChain:
     ``shapes[i]`` is the input shape of ``components[i]`` (``shapes[-1]`` the output), found on
     the meta device; ``weight_norms[i]`` is ||v*|| of bi-affine component i (else None);
     ``leaves`` the (name, module) pairs of :func:`leaf_modules` and ``leaf_index[i]`` the leaf
-    that component i comes from (a batch norm gives two components of one leaf).
+    that component i comes from (a batch norm gives two components of one leaf);
+    ``norms_at_weights[i]`` the exact norms of bi-affine component i at its weights
+    (:meth:`~smoothchain.components.Component.weight_norms_at`), with ``weight_norms``.
     """
 
     components: tuple[Component, ...]
@@ -151,6 +153,7 @@ class ModuleChain:
     weight_norms: tuple[float | None, ...]
     leaves: tuple[tuple[str, nn.Module], ...] = ()
     leaf_index: tuple[int, ...] = ()
+    norms_at_weights: tuple[WeightNorms | None, ...] = ()
 
 
 def _meta_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -179,6 +182,7 @@ def components_from_module(
     names: list[str] = []
     shapes: list[tuple[int, ...]] = []
     norms: list[float | None] = []
+    at_weights: list[WeightNorms | None] = []
     index: list[int] = []
     leaves = leaf_modules(module)
     for li, (name, leaf) in enumerate(leaves):
@@ -200,7 +204,9 @@ def components_from_module(
             index.append(li)
             names.append(part_name)
             shapes.append(shape)
-            norms.append(_weight_norm(leaf, part) if weight_norms and part.role == "bilinear" else None)
+            bilinear = weight_norms and part.role == "bilinear"
+            norms.append(_weight_norm(leaf, part) if bilinear else None)
+            at_weights.append(_norms_at_weights(leaf, part, shape, batch_size) if bilinear else None)
             shape = tuple(part.output_shape(shape))
         if shape != out_shape:
             raise ChainError(
@@ -208,7 +214,14 @@ def components_from_module(
                 "check the registered converter"
             )
     shapes.append(shape)
-    return ModuleChain(tuple(comps), tuple(names), tuple(shapes), tuple(norms), tuple(leaves), tuple(index))
+    return ModuleChain(tuple(comps), tuple(names), tuple(shapes), tuple(norms), tuple(leaves), tuple(index),
+                       tuple(at_weights))
+
+
+def _norms_at_weights(leaf: nn.Module, part: Component, shape: tuple[int, ...], batch_size: int):
+    """The component's own norms at the leaf's actual parameters (after :func:`_weight_norm` has
+    checked them: real and finite)."""
+    return part.weight_norms_at(getattr(leaf, "weight", None), getattr(leaf, "bias", None), shape, batch_size)
 
 
 def _weight_norm(leaf: nn.Module, part: Component) -> float:
