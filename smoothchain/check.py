@@ -238,10 +238,13 @@ def check(
         raise ChainError(f"check supports the losses {', '.join(ESTIMATOR_LOSSES)}, got {loss!r}")
     if points < 1:
         raise ChainError(f"--points must be >= 1, got {points}")
-    cert = certify(
-        model, input_shape=input_shape, batch_size=batch_size, radius=radius, input_norm=input_norm, loss=loss,
-        mode=mode, l2=l2, around_weights=around_weights, target_norm=target_norm,
-    )
+    if mode == "local" and not around_weights:
+        raise ChainError("local constants are certified around the weights: add --around-weights")
+    if mode != "local":
+        cert = certify(
+            model, input_shape=input_shape, batch_size=batch_size, radius=radius, input_norm=input_norm, loss=loss,
+            mode=mode, l2=l2, around_weights=around_weights, target_norm=target_norm,
+        )
     model = copy.deepcopy(model).double()  # estimates in float64; the user's model is untouched
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((batch_size,) + tuple(input_shape), generator=gen, dtype=torch.float64)
@@ -251,6 +254,10 @@ def check(
     centre = w_star if around_weights else torch.zeros_like(w_star)
     pts = [_random_point(centre, blocks, radius, gen, boundary=(i % 2 == 0)) for i in range(points)]
     y = _random_targets(model, x, loss, target_norm, gen)
+    if mode == "local":  # the certificate of this very batch (smoothchain.local)
+        from .local import certify_local
+
+        cert = certify_local(model, x, y, loss=loss, radius=radius, l2=l2)
 
     leaves = leaf_modules(model)
     rows: list[LayerCheck] = []

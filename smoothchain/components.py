@@ -170,6 +170,14 @@ class Component:
         """A PyTorch module computing this component (built-in models, tests)."""
         raise ChainError(f"no PyTorch module for component {self!r}")
 
+    def entry_norms_at(self, weight, z) -> "tuple[float, float] | None":
+        """For a bi-affine component with weights ``weight`` on the batch ``z``: (the largest
+        norm of the slice of ``z`` that one output entry reads, the largest norm of the weights
+        that produce one output entry) -- each output entry is <weights, slice> (+ a bias), so
+        |beta(e, z)_i + beta^v(e)_i| <= ||e|| sqrt(slice^2 + 1) and |beta(v, h)_i| <= row ||h||
+        (docs/local.md, per-entry bounds); None if unknown."""
+        return None
+
     def weight_norms_at(self, weight, bias, shape: tuple[int, ...], batch_size: int) -> "WeightNorms | None":
         """For a bi-affine component with parameters (``weight``, ``bias``) = v*: upper bounds on
         ||z -> beta(v*, z)|| and ||beta^v(v*)|| (:class:`WeightNorms`), used by ``tight`` balls
@@ -227,6 +235,11 @@ class Linear(Component):
         self.output_shape(shape)
         rows = batch_size * _prod(shape[:-1])
         return BilinearConstants(1.0, math.sqrt(rows) if self.bias else 0.0, 0.0, 0.0)
+
+    def entry_norms_at(self, weight, z):
+        """Output (n, i) reads the row z_n (all its inputs); its weights are W_i."""
+        z, W = z.detach().double(), weight.detach().double()
+        return _upper(float(z.reshape(-1, self.in_features).norm(dim=1).max())), _upper(float(W.norm(dim=1).max()))
 
     def weight_norms_at(self, weight, bias, shape, batch_size):
         """||W*||_2 (exact, float64 SVD) and sqrt(rows) ||b*||."""
@@ -365,6 +378,14 @@ class Conv2d(Component):
         smooth = math.sqrt(n_p) if mode == "paper" else math.sqrt(self.multiplicity(shape))
         return BilinearConstants(smooth, math.sqrt(n_p * batch_size) if self.bias else 0.0, 0.0, 0.0)
 
+    def entry_norms_at(self, weight, z):
+        """Output (n, c, p) reads the patch of z_n at p (zero padded); its weights are W_c."""
+        import torch
+
+        z, W = z.detach().double(), weight.detach().double()
+        patches = torch.nn.functional.unfold(z, self.kernel_size, self.dilation, self.padding, self.stride)
+        return _upper(float(patches.norm(dim=1).max())), _upper(float(W.flatten(1).norm(dim=1).max()))
+
     def weight_norms_at(self, weight, bias, shape, batch_size):
         """An upper bound on the operator norm of the convolution with kernel W*, the least of
         sqrt(mu) ||W*||_F, sum_offsets ||W*[:, :, i, j]||_2 and the sampled symbol bound
@@ -401,6 +422,10 @@ class ChannelAffine(Component):
         self.output_shape(shape)
         positions = _prod(shape[1:])
         return BilinearConstants(1.0, math.sqrt(batch_size * positions) if self.bias else 0.0, 0.0, 0.0)
+
+    def entry_norms_at(self, weight, z):
+        """Output entry i is gamma_c z_i (+ beta_c): it reads one entry of z."""
+        return _upper(float(z.detach().double().abs().max())), _upper(float(weight.detach().double().abs().max()))
 
     def weight_norms_at(self, weight, bias, shape, batch_size):
         """max_c |gamma*_c| (the scaling is diagonal) and beta* broadcast over the batch and positions."""
@@ -441,6 +466,43 @@ class Elementwise(Component):
     role: ClassVar[str] = "nonlinear"
     facts: ClassVar[ScalarFacts]
     paper_facts: ClassVar[ScalarFacts | None] = None
+    #: every point where |a'| (resp. |a''|) has a local maximum; with them :meth:`sup_on` takes
+    #: sups over intervals (local certificates, docs/local.md); ``None``: unknown, the global
+    #: facts are used
+    d1_peaks: ClassVar[tuple[float, ...] | None] = None
+    d2_peaks: ClassVar[tuple[float, ...] | None] = None
+
+    def sup_on(self, lo, hi) -> tuple[float, float]:
+        """(sup |a'|, sup |a''|) over the union of the intervals [lo_i, hi_i] (tensors of the same
+        shape): |g| restricted to an interval is largest at an end or at one of its interior local
+        maxima (``d1_peaks``, ``d2_peaks``), so the sup is a max over finitely many points, taken
+        in float64 with a relative margin of 1e-9.  Never above the global facts."""
+        import torch
+
+        f = self.facts
+        lo, hi = lo.detach().double().reshape(-1), hi.detach().double().reshape(-1)
+        d1, d2 = self._derivatives(torch.cat([lo, hi]))
+        sups = []
+        for order, (values, peaks, glob) in enumerate(((d1, self.d1_peaks, f.d1), (d2, self.d2_peaks, f.d2))):
+            if peaks is None:
+                sups.append(glob)
+                continue
+            inside = [float(c) for c in peaks if bool(((lo <= c) & (c <= hi)).any())]
+            if inside:  # the peaks some interval contains
+                values = torch.cat([values, self._derivatives(torch.tensor(inside, dtype=torch.float64))[order]])
+            best = float(values.abs().max()) if values.numel() else 0.0
+            sups.append(min(glob, best * (1 + 1e-9)))
+        return sups[0], sups[1]
+
+    def _derivatives(self, t):
+        """(a'(t), a''(t)) entry-wise by autograd on :meth:`function` (float64)."""
+        import torch
+
+        t = t.detach().double().requires_grad_(True)
+        with torch.enable_grad():
+            d1 = torch.autograd.grad(self.function(t).sum(), t, create_graph=True)[0]
+            d2 = torch.autograd.grad(d1.sum(), t, allow_unused=True)[0]
+        return d1.detach(), (torch.zeros_like(t) if d2 is None else d2.detach())
 
     def scalar_facts(self, mode: str = "tight") -> ScalarFacts:
         """The facts used by ``mode`` (``paper`` falls back to the tight ones where RH agrees)."""
@@ -490,6 +552,14 @@ class ReLU(Elementwise):
     def function(self, x):
         return x.clamp_min(0)
 
+    def sup_on(self, lo, hi):
+        """On intervals away from the kink ReLU is linear: a' in {0, 1}, a'' = 0; an interval
+        that reaches 0 from both sides keeps L = inf."""
+        lo, hi = lo.detach().reshape(-1), hi.detach().reshape(-1)
+        d1 = 1.0 if bool((hi > 0).any()) else 0.0
+        d2 = math.inf if bool(((lo <= 0) & (hi >= 0) & (lo < hi)).any()) else 0.0
+        return d1, d2
+
 
 @dataclass(frozen=True)
 class Softplus(Elementwise):
@@ -500,6 +570,8 @@ class Softplus(Elementwise):
 
     beta: float = 1.0
     torch_types: ClassVar[tuple] = ("Softplus",)
+    d1_peaks: ClassVar[tuple[float, ...]] = ()  # a' = sigma(beta x) is increasing
+    d2_peaks: ClassVar[tuple[float, ...]] = (0.0,)  # a'' = beta sigma (1 - sigma)
 
     @property
     def facts(self) -> ScalarFacts:  # type: ignore[override]
@@ -528,6 +600,9 @@ class Sigmoid(Elementwise):
     facts: ClassVar[ScalarFacts] = ScalarFacts(1.0, 0.25, SIGMOID_SMOOTHNESS, 0.5, 0.25)
     paper_facts: ClassVar[ScalarFacts] = ScalarFacts(1.0, 0.25, 0.1, 0.5, 0.25)
     torch_types: ClassVar[tuple] = ("Sigmoid",)
+    d1_peaks: ClassVar[tuple[float, ...]] = (0.0,)
+    # |sigma''| = sigma (1 - sigma) |1 - 2 sigma| peaks at sigma = 1/2 -+ 1/(2 sqrt 3), x = -+ log(2 + sqrt 3)
+    d2_peaks: ClassVar[tuple[float, ...]] = (-math.log(2 + math.sqrt(3)), math.log(2 + math.sqrt(3)))
 
     def function(self, x):
         return x.sigmoid()
@@ -539,6 +614,9 @@ class Tanh(Elementwise):
 
     facts: ClassVar[ScalarFacts] = ScalarFacts(1.0, 1.0, TANH_SMOOTHNESS, 0.0, 1.0)
     torch_types: ClassVar[tuple] = ("Tanh",)
+    d1_peaks: ClassVar[tuple[float, ...]] = (0.0,)
+    # |tanh''| = 2 |tanh| (1 - tanh^2) peaks at tanh = -+ 1/sqrt 3
+    d2_peaks: ClassVar[tuple[float, ...]] = (-math.atanh(1 / math.sqrt(3)), math.atanh(1 / math.sqrt(3)))
 
     def function(self, x):
         return x.tanh()

@@ -51,6 +51,7 @@ from smoothchain import certify
 from smoothchain.check import _ascent, _random_point, layer_blocks
 from smoothchain.estimators import flat_parameters, functional_chain, objective
 from smoothchain.torch_chain import EntryBatchNorm, leaf_modules
+from smoothchain.local import certify_local  # noqa: E402
 
 DT = torch.float64
 RTOL = 1e-7  # float64 rounding only; a real violation is larger
@@ -300,7 +301,8 @@ def _prefix_psi(model: nn.Module, end: int, x: torch.Tensor):
 
 
 def run_case(case: Case, ascent_steps: int = 2) -> list[str]:
-    """Certify ``case`` in both modes, measure it on C, return the violations (strings)."""
+    """Certify ``case`` in both modes (and, around the weights, locally for its batch), measure it
+    on C, return the violations (strings)."""
     model = case.build()
     certs = {
         mode: certify(
@@ -320,6 +322,8 @@ def run_case(case: Case, ascent_steps: int = 2) -> list[str]:
     else:  # targets with ||y_i|| = target_norm = 1
         y = torch.randn(out.shape, generator=gen, dtype=DT)
         y = y / y.flatten(1).norm(dim=1).reshape((-1,) + (1,) * (y.dim() - 1))
+    if case.around:  # the local certificate of this very batch (smoothchain.local, docs/local.md)
+        certs["local"] = certify_local(model, x, y, loss=case.loss, radius=case.radius, l2=case.l2)
     blocks, ends = layer_blocks(model, case.input_shape)
     w_star = flat_parameters(model)
     centre = w_star if case.around else torch.zeros_like(w_star)

@@ -39,8 +39,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-norm", type=_nonneg_float, default=None, metavar="X",
                    help="||x||_2 of the whole input batch (default 1, or the spec's)")
     p.add_argument("--loss", choices=LOSSES, default="cross-entropy", help="loss f (default cross-entropy)")
-    p.add_argument("--constants", choices=MODES, default="paper",
-                   help="paper = RH Appendix B as printed; tight = sharper sound constants (docs/tight-constants.md)")
+    p.add_argument("--constants", choices=MODES + ("local",), default="paper",
+                   help="paper = RH Appendix B as printed; tight = sharper sound constants (docs/tight-constants.md); "
+                        "local = tight around the weights for one batch (check only, docs/local.md)")
     p.add_argument("--l2", type=_nonneg_float, default=None, metavar="LAMBDA", help="r(w) = LAMBDA/2 ||w||^2 (default 0)")
     p.add_argument("--epsilon", type=_pos_float, default=1e-2, metavar="E", help="target stationarity for the iteration bound")
     p.add_argument("--gap", type=_nonneg_float, default=None, metavar="DELTA",
@@ -108,6 +109,10 @@ def format_certificate(cert) -> str:
 def _cmd_certify(args) -> int:
     from ..certificate import certify_source
 
+    if args.constants == "local":
+        raise CLIError("--constants local certifies one batch around the weights: run `smoothchain check "
+                       "--constants local --around-weights` (on its batch), or smoothchain.local.certify_local / "
+                       "smoothchain.optim.CertifiedGD(mode='local') from Python")
     cert = certify_source(
         load_module(args.module) if args.module else args.model, spec=args.spec, name=args.module, seed=args.seed,
         input_shape=args.input_shape, batch_size=args.batch_size, radius=args.radius, input_norm=args.input_norm,

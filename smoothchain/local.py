@@ -1,0 +1,200 @@
+"""Local certificates: the constants of RH Prop. 4.4 and 4.2 for one batch, around the weights.
+
+The training objective is F(w) = f(psi(w; x)) + l2/2 ||w||^2 for a *given* batch (x, y).  Around
+the actual weights w* (C = {||v_l - v*_l|| <= R for every layer l}, RH Cor. 4.5), the forward
+pass at w* is known exactly, so instead of RH's worst case over every input of norm ||x|| the
+recursion carries, per layer l,
+
+* delta_l >= sup_C ||z_l - z*_l||, the largest move of the layer's output (z* at w*), and
+  M_l = ||z*_l|| + delta_l >= sup_C ||z_l|| in place of RH's m_l;
+* eps_l = L_beta R M_{l-1} + l'_z delta_{l-1} + l_v R >= sup_C ||u_l - u*_l|| for the
+  pre-activation u_l = b_l(v_l, z_{l-1}), so every entry of u_l lies in [u*_i - eps_l, u*_i + eps_l];
+  an element-wise activation is then Lipschitz and smooth on that box with the sups of |a'| and
+  |a''| over those intervals (:meth:`~smoothchain.components.Elementwise.sup_on`), far below
+  the global ones where the pre-activations sit in the flat parts;
+* the Lipschitz and smoothness constants l_l, L_l of w -> z_l on C from the first and second
+  derivatives of z_l = a_l(b_l(v_l, z_{l-1})) bounded jointly in the two blocks of directions
+  (v_l, and the earlier layers'): l_l = l_a sqrt(v^2 + (z l_{l-1})^2) and L_l = the largest
+  eigenvalue of a 2 x 2 matrix whose entry sum is RH's eq. (21);
+
+and the loss's constants are taken over the ball of radius delta_tau around psi(w*) (softmax
+probabilities move by at most delta/2).  Proofs: docs/local.md.  Everything is computed in
+float64 from the actual weights; norms have the relative margin
+:data:`~smoothchain.components.NORM_MARGIN`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import torch
+from torch import Tensor, nn
+
+from .certificate import Certificate
+from .chain import Chain, ChainError, _mul
+from .components import BatchNorm, Elementwise, NORM_MARGIN, build_layers
+from .functional import batch_normalize
+from .losses import SUPERVISED_LOSSES, LossConstants, get_loss
+from .objective import objective_bounds
+from .recursion import ChainBounds, LayerBound
+from .torch_chain import components_from_module
+
+__all__ = ["certify_local", "LOCAL_LOSSES"]
+
+#: the losses a local certificate takes (their value at psi(w*) is needed)
+LOCAL_LOSSES = SUPERVISED_LOSSES
+
+
+def _norm(t: Tensor) -> float:
+    return float(t.detach().double().norm()) * (1 + NORM_MARGIN)
+
+
+def _forward_by_component(model: nn.Module, mc, x: Tensor) -> list[Tensor]:
+    """The batch after each component at the weights (``outs[i]`` = output of component i),
+    batch norm with the batch statistics (RH eq. 11)."""
+    leaves = copy.deepcopy(list(mc.leaves))  # shared modules stay shared within the copy
+    for _, leaf in leaves:
+        leaf.double().train()
+    outs: list[Tensor] = []
+    h = x.double()
+    with torch.no_grad():
+        for i, comp in enumerate(mc.components):
+            name, leaf = leaves[mc.leaf_index[i]]
+            first = i == 0 or mc.leaf_index[i - 1] != mc.leaf_index[i]
+            last = i + 1 == len(mc.components) or mc.leaf_index[i + 1] != mc.leaf_index[i]
+            if first:
+                leaf_input = h
+            if first and last:
+                h = leaf(h)
+            elif isinstance(comp, BatchNorm):  # the normalisation of a BatchNorm leaf, before its affine part
+                dims = [0] if comp.over == "entry" else [0, *range(2, h.dim())]
+                h = batch_normalize(h, dims, comp.eps)
+            elif last:
+                h = leaf(leaf_input)
+            else:
+                raise ChainError(f"module {name!r} gives several components; local certificates "
+                                 f"support only batch norm among those")
+            outs.append(h)
+    return outs
+
+
+def _joint_smoothness(s1: float, s_rest: float, la: float, v: float, z: float, v_inf: float, z_inf: float,
+                      l_prev: float, L_prev: float, Lb: float) -> float:
+    """Largest eigenvalue of the 2 x 2 matrix of the quadratic form in (|e|, |d|)
+    s1 (v_inf |e| + z_inf l |d|)(v |e| + z l |d|) + s_rest (v |e| + z l |d|)^2
+    + la (2 L_beta l |e||d| + z L |d|^2), the bound on ||D^2 z_l[h, h]|| over ||(e, d)|| = 1
+    (docs/local.md, Prop. 2; with v_inf = v, z_inf = z, s1 = 0 its entry sum is RH's eq. 21)."""
+    a = _mul(s1, v_inf * v) + _mul(s_rest, v * v)
+    c = (_mul(s1, 0.5 * (v_inf * z + z_inf * v) * l_prev) + _mul(s_rest, v * z * l_prev)
+         + _mul(la, Lb * l_prev))
+    d = _mul(s1, z_inf * z * l_prev * l_prev) + _mul(s_rest, z * z * l_prev * l_prev) + _mul(la, z * L_prev)
+    if math.isinf(a) or math.isinf(c) or math.isinf(d):
+        return math.inf
+    return 0.5 * (a + d) + math.sqrt(0.25 * (a - d) ** 2 + c * c)
+
+
+def certify_local(model: nn.Module, x: Tensor, y: Tensor, *, loss: str = "cross-entropy", radius: float = 0.1,
+                  l2: float = 0.0, epsilon: float = 1e-2, gap: float | None = None) -> Certificate:
+    """A certificate of F(w) = f(psi(w; x)) + l2/2 ||w||^2 for the batch (``x``, ``y``) on the balls
+    of radius ``radius`` around the model's current weights (module docstring, docs/local.md).
+
+    Returns a :class:`~smoothchain.certificate.Certificate` with ``mode == "local"``: its
+    ``bounds.layers`` rows hold M_l (``output_bound``), l_l, L_l; ``objective.smoothness`` is
+    L_F = L_psi l_f + l_psi^2 L_f + l2 (RH Prop. 4.2) with the loss constants over the reachable
+    outputs.  Valid for this batch only.
+    """
+    if not isinstance(model, nn.Module):
+        raise ChainError(f"a local certificate needs an nn.Module with its weights, got {type(model).__name__}")
+    get_loss(loss, among=LOCAL_LOSSES)
+    if not (isinstance(radius, (int, float)) and radius >= 0 and math.isfinite(radius)):
+        raise ChainError(f"--radius must be a finite number >= 0, got {radius!r}")
+    if not isinstance(x, Tensor) or x.dim() < 2:
+        raise ChainError("x must be a batch tensor (m, ...)")
+    if not bool(torch.isfinite(x).all()):
+        raise ChainError("the input batch has NaN or infinite entries")
+    m, R = int(x.shape[0]), float(radius)
+    x = x.detach().double()
+    mc = components_from_module(model, tuple(x.shape[1:]), m, weight_norms=True)
+    outs = _forward_by_component(model, mc, x)
+    layers = build_layers(mc.components, mc.shapes, m, "tight", mc.names, mc.weight_norms, mc.norms_at_weights)
+    chain = Chain(tuple(layers), input_norm=_norm(x), radius=R).around_weights()
+
+    # the components of each RH layer (build_layers' grouping: a bi-affine component opens one)
+    groups: list[list[int]] = []
+    for i, comp in enumerate(mc.components):
+        if comp.role == "bilinear" or (comp.role == "nonlinear" and not groups):
+            groups.append([i])
+        elif comp.role == "nonlinear":
+            groups[-1].append(i)
+    z_star, delta = x, 0.0
+    M_prev, l_prev, L_prev = _norm(x), 0.0, 0.0
+    rows = []
+    for index, (layer, group) in enumerate(zip(chain.layers, groups), start=1):
+        b = layer.bilinear
+        opens = mc.components[group[0]].role == "bilinear"
+        u_star = outs[group[0]] if opens else z_star
+        eps = (_mul(_mul(b.smoothness, R), M_prev) + _mul(b.input_lipschitz, delta) + _mul(b.weight_lipschitz, R)
+               if opens else delta)
+        nonlinear = group[1:] if opens else group
+        lips, smooths = [], []
+        for k, (ci, consts) in enumerate(zip(nonlinear, layer.nonlinear)):
+            comp = mc.components[ci]
+            if k == 0 and isinstance(comp, Elementwise):
+                lip, smooth = comp.sup_on(u_star - eps, u_star + eps)
+                lip, smooth = min(lip, consts.lipschitz), min(smooth, consts.smoothness)
+            else:
+                lip, smooth = consts.lipschitz, consts.smoothness
+            lips.append(lip)
+            smooths.append(smooth)
+        lip_a = math.prod(lips) if lips else 1.0
+        terms = [_mul(smooths[j], math.prod(lips[:j]) ** 2 * math.prod(lips[j + 1:])) for j in range(len(lips))]
+        smooth_a = sum(terms)
+        # the first stage's term in the per-entry form when it acts entry-wise (docs/local.md)
+        entrywise = bool(nonlinear) and isinstance(mc.components[nonlinear[0]], Elementwise)
+        s1, s_rest = (terms[0], sum(terms[1:])) if entrywise else (0.0, smooth_a)
+        z_gain = _mul(b.smoothness, R) + b.input_lipschitz  # L_beta R + l'_z
+        v_gain = _mul(b.smoothness, M_prev) + b.weight_lipschitz  # L_beta M_{l-1} + l_v
+        v_inf, z_inf = _entry_gains(mc, group[0], outs, x, delta, R, b) if opens else (0.0, 1.0)
+        z_star = outs[group[-1]]
+        delta = _mul(lip_a, eps)
+        lip = _mul(lip_a, math.hypot(v_gain, _mul(z_gain, l_prev)))
+        smooth = _joint_smoothness(s1, s_rest, lip_a, v_gain, z_gain, min(v_inf, v_gain), min(z_inf, z_gain),
+                                   l_prev, L_prev, b.smoothness)
+        M = _norm(z_star) + delta
+        rows.append(LayerBound(index, layer.name or f"layer{index}", M, lip, smooth, _norm(u_star) + eps,
+                               lip_a, smooth_a))
+        M_prev, l_prev, L_prev = M, lip, smooth
+    bounds = ChainBounds(tuple(rows), M_prev, l_prev, L_prev, R, chain.input_norm, "weights")
+    loss_c = _local_loss_constants(loss, outs[-1], y, delta, m)
+    norms = tuple(layer.weight_norm or 0.0 for layer in chain.layers)
+    objective = objective_bounds(bounds, loss_c, l2=l2, epsilon=epsilon, gap=gap, weight_norms=norms)
+    return Certificate(chain, bounds, objective, "local", loss, m, type(model).__name__)
+
+
+def _entry_gains(mc, i: int, outs, x, delta_in: float, R: float, b) -> tuple[float, float]:
+    """Per-entry gains of bi-affine component i on C: every entry of D u[h] is at most
+    v_inf ||e|| + z_inf ||D z_{l-1}[d]|| (docs/local.md, per-entry bounds); the 2-norm gains
+    when the component does not say (:meth:`~smoothchain.components.Component.entry_norms_at`)."""
+    comp, leaf = mc.components[i], mc.leaves[mc.leaf_index[i]][1]
+    z_in = outs[i - 1] if i > 0 else x
+    weight = getattr(leaf, "weight", None)
+    got = comp.entry_norms_at(weight, z_in) if weight is not None else None
+    if got is None:
+        return math.inf, math.inf
+    slice_norm, row = got
+    s = slice_norm + delta_in  # a slice moves by at most the whole batch's move
+    v_inf = math.sqrt(s * s + 1.0) if b.weight_lipschitz > 0 else s
+    return v_inf, row + R  # the rows of W* + Delta; the built-in bi-affine parts have beta^z = 0
+
+
+def _local_loss_constants(loss: str, z_star: Tensor, y: Tensor, delta: float, m: int) -> LossConstants:
+    """sup of ||grad f|| and ||grad^2 f|| over ||Z - Z*|| <= delta (docs/local.md, Prop. 3)."""
+    z_star = z_star.reshape(m, -1)
+    if loss == "cross-entropy":
+        p = torch.softmax(z_star, dim=-1)
+        target = y.double() if y.is_floating_point() else torch.nn.functional.one_hot(y, p.shape[-1]).double()
+        lip = (_norm(p - target.reshape(p.shape)) + 0.5 * delta) / m
+        smooth = min(0.5, float(p.max()) + 0.5 * delta) / m
+        return LossConstants(min(lip, math.sqrt(2.0 / m)), smooth * (1 + NORM_MARGIN), loss)
+    diff = z_star - y.double().reshape(z_star.shape)
+    return LossConstants((_norm(diff) + delta) / m, 1.0 / m, loss)

@@ -1,0 +1,118 @@
+"""The pieces of the local certificate (smoothchain.local, docs/local.md) against brute force;
+its soundness on random chains is attacked by tests/test_soundness.py (every case around the
+weights is also certified locally, on the same batch the measurements use)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from torch import nn  # noqa: E402
+
+from smoothchain import ChainError  # noqa: E402
+from smoothchain.components import ChannelAffine, Conv2d, Linear, ReLU, Sigmoid, Softplus, Tanh  # noqa: E402
+from smoothchain.local import _joint_smoothness, certify_local  # noqa: E402
+
+DT = torch.float64
+
+
+def _grid_sups(comp, lo, hi, n=20001):
+    t = torch.stack([torch.linspace(a, b, n, dtype=DT) for a, b in zip(lo.tolist(), hi.tolist())]).reshape(-1)
+    t.requires_grad_(True)
+    y = comp.to_torch().double()(t)
+    d1 = torch.autograd.grad(y.sum(), t, create_graph=True)[0]
+    d2 = torch.autograd.grad(d1.sum(), t)[0]
+    return float(d1.detach().abs().max()), float(d2.detach().abs().max())
+
+
+@settings(max_examples=40, deadline=None)
+@given(comp=st.sampled_from([Tanh(), Sigmoid(), Softplus(1.0), Softplus(3.0)]),
+       centres=st.lists(st.floats(-6, 6), min_size=1, max_size=4), width=st.floats(0.0, 3.0))
+def test_sup_on_intervals_bounds_and_attains_the_grid(comp, centres, width):
+    lo = torch.tensor(centres, dtype=DT) - width
+    hi = torch.tensor(centres, dtype=DT) + width
+    s1, s2 = comp.sup_on(lo, hi)
+    g1, g2 = _grid_sups(comp, lo, hi)
+    assert g1 <= s1 * (1 + 1e-9) and g2 <= s2 * (1 + 1e-9)
+    assert s1 <= g1 * (1 + 1e-4) + 1e-12 and s2 <= g2 * (1 + 1e-4) + 1e-9  # exact, up to the grid's spacing
+    assert s1 <= comp.facts.d1 and s2 <= comp.facts.d2
+
+
+def test_relu_is_linear_away_from_its_kink():
+    assert ReLU().sup_on(torch.tensor([0.5]), torch.tensor([2.0])) == (1.0, 0.0)
+    assert ReLU().sup_on(torch.tensor([-2.0]), torch.tensor([-0.5])) == (0.0, 0.0)
+    assert ReLU().sup_on(torch.tensor([-0.5]), torch.tensor([0.5]))[1] == math.inf
+
+
+def test_entry_norms_by_brute_force():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 2, 5, 5, generator=g, dtype=DT)
+    W = torch.randn(4, 2, 3, 3, generator=g, dtype=DT)
+    conv = Conv2d(2, 4, 3, 2, 1)
+    slice_norm, row = conv.entry_norms_at(W, z)
+    padded = torch.nn.functional.pad(z, (1, 1, 1, 1))
+    best = max(float(padded[n, :, 2 * i:2 * i + 3, 2 * j:2 * j + 3].norm())
+               for n in range(3) for i in range(3) for j in range(3))
+    assert slice_norm == pytest.approx(best, rel=1e-8)
+    assert row == pytest.approx(max(float(W[c].norm()) for c in range(4)), rel=1e-8)
+    # every output entry of the conv is at most row x slice (Cauchy-Schwarz)
+    out = torch.nn.functional.conv2d(z, W, None, 2, 1)
+    assert float(out.abs().max()) <= row * slice_norm
+    lin = Linear(5, 3)
+    Wl = torch.randn(3, 5, generator=g, dtype=DT)
+    zl = torch.randn(4, 5, generator=g, dtype=DT)
+    s, r = lin.entry_norms_at(Wl, zl)
+    assert s == pytest.approx(float(zl.norm(dim=1).max()), rel=1e-8)
+    assert r == pytest.approx(float(Wl.norm(dim=1).max()), rel=1e-8)
+    gamma = torch.randn(2, generator=g, dtype=DT)
+    assert ChannelAffine(2).entry_norms_at(gamma, z) == pytest.approx(
+        (float(z.abs().max()), float(gamma.abs().max())), rel=1e-8)
+
+
+@settings(max_examples=100, deadline=None)
+@given(vals=st.lists(st.floats(0, 10), min_size=9, max_size=9), e=st.floats(0, 1))
+def test_joint_smoothness_bounds_the_quadratic_form(vals, e):
+    """The 2 x 2 eigenvalue bounds the quadratic form at every unit (|e|, |d|), and with
+    v_inf = v, z_inf = z it never exceeds the sum of the terms (RH eq. 21's bound)."""
+    s1, s_rest, la, v, z, l_prev, L_prev, Lb, frac = vals
+    v_inf, z_inf = v * min(frac / 10, 1), z * min(frac / 10, 1)
+    lam = _joint_smoothness(s1, s_rest, la, v, z, v_inf, z_inf, l_prev, L_prev, Lb)
+    d = math.sqrt(1 - e * e)
+    form = (s1 * (v_inf * e + z_inf * l_prev * d) * (v * e + z * l_prev * d) + s_rest * (v * e + z * l_prev * d) ** 2
+            + la * (2 * Lb * l_prev * e * d + z * L_prev * d * d))
+    assert form <= lam * (1 + 1e-9) + 1e-9
+    eq21 = ((s1 + s_rest) * (v * v + 2 * v * z * l_prev + z * z * l_prev ** 2) + la * (2 * Lb * l_prev + z * L_prev))
+    assert _joint_smoothness(s1, s_rest, la, v, z, v, z, l_prev, L_prev, Lb) <= eq21 * (1 + 1e-9) + 1e-9
+
+
+def test_local_certificate_is_sharper_and_checked():
+    """On the built-in mlp's shape: the local L_F is below the tight one at the same input norm,
+    and check (estimates on the same batch) finds no violation."""
+    from smoothchain import certify
+    from smoothchain.check import check
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x = torch.randn(4, 6, dtype=DT)
+    y = torch.tensor([0, 1, 2, 1])
+    local = certify_local(net, x, y, radius=0.1)
+    tight = certify(net, input_shape=(6,), batch_size=4, radius=0.1, input_norm=float(x.norm()), mode="tight",
+                    around_weights=True)
+    assert local.mode == "local" and local.objective.smoothness < tight.objective.smoothness
+    res = check(net, input_shape=(6,), batch_size=4, radius=0.1, mode="local", around_weights=True, points=2,
+                ascent_steps=2, per_layer=True)
+    assert res.violations == ()
+
+
+def test_local_certificate_errors():
+    net = nn.Sequential(nn.Linear(2, 2))
+    with pytest.raises(ChainError, match="radius"):
+        certify_local(net, torch.zeros(2, 2), torch.tensor([0, 1]), radius=-1.0)
+    with pytest.raises(ValueError, match="loss"):
+        certify_local(net, torch.zeros(2, 2), torch.tensor([0, 1]), loss="autoencoder")
+    with pytest.raises(ChainError, match="NaN"):
+        certify_local(net, torch.full((2, 2), math.nan), torch.tensor([0, 1]))
