@@ -9,7 +9,10 @@ squared Euclidean error against one-hot targets, no 1/2) with one of
   ``sgd-norm`` (F Sec. 5.2's SGD with q-norm duality updates in every layer);
 * ``sgd`` (mini-batch ``torch.optim.SGD``), ``gd`` (full-batch ``torch.optim.SGD``);
 * ``gauss-newton`` / ``newton`` (``smoothchain.optim.GaussNewton`` / ``Newton``, imported lazily;
-  their ``step(closure)`` takes a closure returning the batch ``(x, y)``).
+  their ``step(closure)`` takes a closure returning the batch ``(x, y)``);
+* ``certified-gd`` (``smoothchain.optim.CertifiedGD``: gradient descent with the step
+  min(1/L_F, R / max_l ||g_l||) of a certificate on the ball of radius ``radius`` around the
+  weights, RH Cor. 4.5 / Prop. 4.2, ``tight`` constants, recertified every step; ``lr`` unused).
 
 ``batch_size = 0`` means full batch (F's batch mode).  Every step appends one JSON line to
 ``OUT/metrics.jsonl``: ``step``, ``loss`` (the step's batch objective before the step), ``layers``
@@ -51,12 +54,17 @@ __all__ = ["TrainConfig", "train", "build_model", "make_optimizer", "evaluate",
            "OPTIMIZERS", "LAYERWISE", "plot_metrics", "load_data", "Progress"]
 
 OPTIMIZERS = ("dsgd", "dsgd-all", "random", "sequential", "sgd-norm", "sgd", "gd",
-              "gauss-newton", "newton")
+              "gauss-newton", "newton", "certified-gd")
 LAYERWISE = ("dsgd", "dsgd-all", "random", "sequential", "sgd-norm")
 #: optimizers whose steps divide by p_i(w), valid under F Assumption 4.1 (ii) only
 BOUNDED = ("dsgd", "dsgd-all")
 DEFAULT_LR = {"dsgd": 1.0, "dsgd-all": 1.0, "random": 0.1, "sequential": 0.1, "sgd-norm": 0.1,
-              "sgd": 0.1, "gd": 0.1, "gauss-newton": 1.0, "newton": 1.0}
+              "sgd": 0.1, "gd": 0.1, "gauss-newton": 1.0, "newton": 1.0,
+              "certified-gd": 1.0}  # certified-gd takes no lr: its step is the certificate's
+#: optimizers whose ``step(closure)`` takes a closure returning the batch ``(x, y)``
+BATCH_CLOSURE = ("gauss-newton", "newton", "certified-gd")
+#: certified-gd: the constants mode of its certificates (smoothchain.certify's ``mode``)
+CERTIFIED_GD_MODE = "tight"
 
 
 @dataclass
@@ -78,6 +86,7 @@ class TrainConfig:
     distributed: bool = False
     plots: bool = True
     rescale_data: bool = False  # DSGD: divide inputs by max |x| if F Assumption 4.1 (ii) fails
+    radius: float = 0.1  # certified-gd: R of the ball around the weights (RH Cor. 4.5)
 
     def resolved_lr(self) -> float:
         return float(DEFAULT_LR[self.optimizer] if self.lr is None else self.lr)
@@ -118,8 +127,8 @@ def build_model(n_in: int, hidden: int, n_out: int, *, seed: int = 0,
 
 
 def make_optimizer(name: str, model: nn.Module, q: float, lr: float, *, batch_size: int = 0,
-                   seed: int = 0, capture: str = "auto"):
-    """The optimizer called ``name`` (see :data:`OPTIMIZERS`)."""
+                   seed: int = 0, capture: str = "auto", radius: float = 0.1):
+    """The optimizer called ``name`` (see :data:`OPTIMIZERS`); ``radius`` is certified-gd's R."""
     from .optim import DSGD
 
     mode = "batch" if batch_size == 0 else "stochastic"
@@ -143,6 +152,14 @@ def make_optimizer(name: str, model: nn.Module, q: float, lr: float, *, batch_si
                              f"(smoothchain.optim.{'GaussNewton' if name == 'gauss-newton' else 'Newton'} "
                              f"is missing)") from exc
         return cls(model, loss="square", gamma=lr)
+    if name == "certified-gd":
+        from .optim import CertifiedGD
+
+        # The run's objective is F's squared error (1/m) sum ||z_i - y_i||^2, twice the library's
+        # "square" loss 1/(2m) sum ||z_i - y_i||^2, which has the RH constants.  CertifiedGD
+        # certifies "squared-error" as "square" (with l2 halved) and doubles L_F: every term of
+        # RH Prop. 4.2, L_psi l_f + l_psi^2 L_f, scales with the loss (certificate_loss).
+        return CertifiedGD(model, loss="squared-error", radius=radius, mode=CERTIFIED_GD_MODE)
     raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
 
 
@@ -274,6 +291,8 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
     if cfg.steps < 0 or cfg.batch_size < 0 or cfg.checkpoint_every < 1 or cfg.eval_every < 1:
         raise ValueError("steps and batch_size must be >= 0, checkpoint_every and eval_every >= 1")
+    if cfg.optimizer == "certified-gd" and not (isinstance(cfg.radius, (int, float)) and 0 < cfg.radius < math.inf):
+        raise ValueError(f"certified-gd needs a finite radius > 0, got {cfg.radius!r}")
 
 
 def _training_data(cfg: TrainConfig, data, dtype: torch.dtype) -> _Data:
@@ -293,12 +312,12 @@ def _training_data(cfg: TrainConfig, data, dtype: torch.dtype) -> _Data:
 def _setup(cfg: TrainConfig, ctx, d: _Data, dtype: torch.dtype) -> _Run:
     """Model, optimizer and batch generator of a fresh run, all seeded from ``cfg.seed`` by
     explicit generators (torch's global generator is neither seeded nor used)."""
-    if ctx.world_size > 1 and cfg.optimizer in ("gauss-newton", "newton"):
+    if ctx.world_size > 1 and cfg.optimizer in BATCH_CLOSURE:
         raise ValueError(f"{cfg.optimizer} does not support distributed training")
     lr = cfg.resolved_lr()
     model = build_model(d.x_tr.shape[1], cfg.hidden, d.z_tr.shape[1], seed=cfg.seed, dtype=dtype)
     opt = make_optimizer(cfg.optimizer, model, cfg.q, lr, batch_size=cfg.batch_size, seed=cfg.seed,
-                         capture="none" if ctx.world_size > 1 else "auto")
+                         capture="none" if ctx.world_size > 1 else "auto", radius=cfg.radius)
     batch_seed = cfg.seed + 1  # the mini-batch sampler's own generator
     gen = torch.Generator().manual_seed(batch_seed)
     run = _Run(cfg, ctx, model, opt, gen, lr, Path(cfg.out) if cfg.out else None)
@@ -355,6 +374,9 @@ def _batch(run: _Run, d: _Data) -> tuple[torch.Tensor, torch.Tensor, float]:
 def _train_step(run: _Run, xb: torch.Tensor, zb: torch.Tensor, weight: float) -> float:
     """One optimizer step on the batch; returns F's objective (eq. 21) on it before the step."""
     model, opt, ctx = run.model, run.opt, run.ctx
+    if run.cfg.optimizer == "certified-gd":
+        # its loss is F's objective (eq. 21) itself: the value before the step, in float64
+        return float(opt.step(lambda: (xb, zb)))
     if run.cfg.optimizer in ("gauss-newton", "newton"):
         # the same column as the other optimizers: F's objective (eq. 21, no 1/2) on the
         # batch at the weights before the step (the optimizer's own value is 1/(2m) sum)
@@ -387,6 +409,10 @@ def _record(run: _Run, d: _Data, t: int, loss: float) -> dict:
     for i in layers:
         run.counts[i - 1] += 1
     rec = {"step": t, "loss": loss, "layers": layers, "counts": list(run.counts)}
+    if cfg.optimizer == "certified-gd" and run.opt.history:
+        h = run.opt.history[-1]  # the step's certificate (smoothchain.optim.CertifiedStep)
+        rec["certified"] = {"eta": h.eta, "smoothness": h.smoothness, "ball_eta": json_number(h.ball_eta),
+                            "certified_decrease": h.certified_decrease, "actual_decrease": h.actual_decrease}
     if t % cfg.eval_every == 0 or t == cfg.steps or t == 1:
         tr = evaluate(run.model, d.x_tr, d.z_tr, d.ds.labels_train)
         te = evaluate(run.model, d.x_te, d.z_te, d.ds.labels_test)
@@ -404,6 +430,7 @@ def _finish(run: _Run, d: _Data, final_step: int) -> dict:
         "data": getattr(d.ds, "name", cfg.data),
         "hidden": cfg.hidden, "batch_size": cfg.batch_size, "steps": final_step,
         "world_size": run.ctx.world_size,
+        **({"radius": cfg.radius} if cfg.optimizer == "certified-gd" else {}),
         "final": evals[-1] if evals else None, "counts": run.counts,
         "diverged": bool(metrics and not math.isfinite(metrics[-1]["loss"])),
         "out": str(out) if out else None, "figures": [],

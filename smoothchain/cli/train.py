@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 
 from .common import CLIError, emit, errors_as_cli
-from .options import layer_norm
+from .options import layer_norm, real
 
 __all__ = ["register"]
 
 _OPTIMIZERS = ("dsgd", "dsgd-all", "random", "sequential", "sgd-norm", "sgd", "gd",
-               "gauss-newton", "newton")
+               "gauss-newton", "newton", "certified-gd")
 
 
 _DEFAULT_HIDDEN = 300          # F Sec. 5
@@ -36,7 +36,11 @@ def register(sub) -> None:
     t.add_argument("--batch-size", type=int, default=None,
                    help=f"0 = full batch (F's batch mode; the default), {_SECOND_ORDER_BATCH} by default for "
                         "gauss-newton/newton")
-    t.add_argument("--lr", type=float, default=None, help="default: 1 for dsgd/dsgd-all, 0.1 otherwise")
+    t.add_argument("--lr", type=float, default=None, help="default: 1 for dsgd/dsgd-all, 0.1 otherwise "
+                   "(certified-gd takes its step from the certificate and ignores it)")
+    t.add_argument("--radius", type=real(0.0, strict=True, finite=True), default=0.1, metavar="R",
+                   help="certified-gd: radius R of the ball around the weights on which each step's "
+                        "smoothness L_F is certified (RH Cor. 4.5; default 0.1)")
     t.add_argument("--out", default=None, help="directory for metrics.jsonl, checkpoint.pt, PNGs")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--checkpoint-every", type=int, default=50)
@@ -98,7 +102,7 @@ def _cmd_train(args) -> int:
                       resume=args.resume, seed=args.seed, checkpoint_every=args.checkpoint_every,
                       eval_every=args.eval_every, limit=args.limit, dtype=args.dtype,
                       distributed=args.distributed or in_torchrun(), plots=not args.no_plots,
-                      rescale_data=args.rescale_data)
+                      rescale_data=args.rescale_data, radius=args.radius)
     ctx = None
     try:
         if cfg.distributed:
