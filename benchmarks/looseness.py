@@ -606,6 +606,18 @@ def run_one(name: str, kind: str, a) -> dict:
                 "ratio_L_F": rnd(v["L_F"] / LF_est, 4)}
 
     lib_LF = lib.objective.smoothness
+    try:  # the library's local certificate (commit db35daa), recorded for comparison when present
+        from smoothchain.local import certify_local
+
+        loc = certify_local(model, x, y, loss="cross-entropy", radius=R)
+        local = {"L_F": rnd(loc.objective.smoothness), "ratio": rnd(loc.objective.smoothness / LF_est, 4),
+                 "layers": [{"m": rnd(b.output_bound), "l": rnd(b.lipschitz), "L": rnd(b.smoothness)}
+                            for b in loc.bounds.layers],
+                 "l_f": rnd(loc.objective.loss_lipschitz), "L_f": rnd(loc.objective.loss_smoothness)}
+        if loc.objective.smoothness * (1 + 1e-6) < LF_est:
+            violations.append({"variant": "library_local", "q": "L_F", "cert": loc.objective.smoothness, "est": LF_est})
+    except ImportError:
+        local = None
     l_est, L_est = est_layers[-1]["l"], est_layers[-1]["L"]
     doc = {
         "model": name, "inputs": kind, "batch": n, "input_norm": rnd(xnorm), "radius": R,
@@ -615,6 +627,7 @@ def run_one(name: str, kind: str, a) -> dict:
             "ratio": rnd(base["L_F"] / LF_est, 4), "L_F_est_where": LF_where,
             "library_L_F": rnd(lib_LF), "library_ratio": rnd(lib_LF / LF_est, 4),
             "all_repairs_L_F": rnd(full["L_F"]), "all_repairs_ratio": rnd(full["L_F"] / LF_est, 4),
+            "library_local": local,
         },
         "decomposition": {
             "cert": {"L_psi": rnd(base["L_psi"]), "l_f": rnd(base["l_f"]), "l_psi": rnd(base["l_psi"]),
