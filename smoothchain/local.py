@@ -78,16 +78,23 @@ def _forward_by_component(model: nn.Module, mc, x: Tensor) -> list[Tensor]:
     return outs
 
 
+def _prod(*factors: float) -> float:
+    """Product with the convention 0 * inf = 0 for any number of factors (as :func:`_mul`)."""
+    return 0.0 if any(f == 0.0 for f in factors) else math.prod(factors)
+
+
 def _joint_smoothness(s1: float, s_rest: float, la: float, v: float, z: float, v_inf: float, z_inf: float,
                       l_prev: float, L_prev: float, Lb: float) -> float:
     """Largest eigenvalue of the 2 x 2 matrix of the quadratic form in (|e|, |d|)
     s1 (v_inf |e| + z_inf l |d|)(v |e| + z l |d|) + s_rest (v |e| + z l |d|)^2
     + la (2 L_beta l |e||d| + z L |d|^2), the bound on ||D^2 z_l[h, h]|| over ||(e, d)|| = 1
     (docs/local.md, Prop. 2; with v_inf = v, z_inf = z, s1 = 0 its entry sum is RH's eq. 21)."""
-    a = _mul(s1, v_inf * v) + _mul(s_rest, v * v)
-    c = (_mul(s1, 0.5 * (v_inf * z + z_inf * v) * l_prev) + _mul(s_rest, v * z * l_prev)
-         + _mul(la, Lb * l_prev))
-    d = _mul(s1, z_inf * z * l_prev * l_prev) + _mul(s_rest, z * z * l_prev * l_prev) + _mul(la, z * L_prev)
+    # every product through _prod: a zero gain (a layer that ignores its input) removes an
+    # infinite factor (a non-smooth layer before it) instead of making NaN
+    a = _prod(s1, v_inf, v) + _prod(s_rest, v, v)
+    c = (_prod(s1, 0.5 * (_prod(v_inf, z) + _prod(z_inf, v)), l_prev) + _prod(s_rest, v, z, l_prev)
+         + _prod(la, Lb, l_prev))
+    d = _prod(s1, z_inf, z, l_prev, l_prev) + _prod(s_rest, z, z, l_prev, l_prev) + _prod(la, z, L_prev)
     if math.isinf(a) or math.isinf(c) or math.isinf(d):
         return math.inf
     return 0.5 * (a + d) + math.sqrt(0.25 * (a - d) ** 2 + c * c)
