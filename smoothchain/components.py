@@ -471,6 +471,39 @@ class Elementwise(Component):
     #: facts are used
     d1_peaks: ClassVar[tuple[float, ...] | None] = None
     d2_peaks: ClassVar[tuple[float, ...] | None] = None
+    #: sup |a'''| and the points where |a'''| has a local maximum (segment certificates,
+    #: docs/segment.md); ``None``: unknown, segment certificates refuse the activation
+    d3: ClassVar[float | None] = None
+    d3_peaks: ClassVar[tuple[float, ...] | None] = None
+
+    def sups_on(self, lo, hi) -> tuple[float, float, float]:
+        """(sup |a'|, sup |a''|, sup |a'''|) over the union of the intervals [lo_i, hi_i], as
+        :meth:`sup_on` (ends and interior local maxima of each |a^(k)|, float64, relative margin
+        1e-9, never above the global sups); raises if the activation declares no ``d3``."""
+        import torch
+
+        if self.d3 is None or self.d3_peaks is None:
+            raise ChainError(f"{type(self).__name__} declares no third-derivative facts (d3, d3_peaks)")
+        s1, s2 = self.sup_on(lo, hi)
+        lo, hi = lo.detach().double().reshape(-1), hi.detach().double().reshape(-1)
+        points = [torch.cat([lo, hi])]
+        inside = [float(c) for c in self.d3_peaks if bool(((lo <= c) & (c <= hi)).any())]
+        if inside:
+            points.append(torch.tensor(inside, dtype=torch.float64))
+        d3 = self._third(torch.cat(points))
+        best = float(d3.abs().max()) if d3.numel() else 0.0
+        return s1, s2, min(float(self.d3), best * (1 + 1e-9))
+
+    def _third(self, t):
+        """The third derivative of :meth:`function`, entry-wise by autograd (float64)."""
+        import torch
+
+        t = t.detach().double().requires_grad_(True)
+        with torch.enable_grad():
+            d1 = torch.autograd.grad(self.function(t).sum(), t, create_graph=True)[0]
+            d2 = torch.autograd.grad(d1.sum(), t, create_graph=True)[0]
+            d3 = torch.autograd.grad(d2.sum(), t, allow_unused=True)[0]
+        return torch.zeros_like(t) if d3 is None else d3.detach()
 
     def sup_on(self, lo, hi) -> tuple[float, float]:
         """(sup |a'|, sup |a''|) over the union of the intervals [lo_i, hi_i] (tensors of the same
@@ -573,6 +606,16 @@ class Softplus(Elementwise):
     d1_peaks: ClassVar[tuple[float, ...]] = ()  # a' = sigma(beta x) is increasing
     d2_peaks: ClassVar[tuple[float, ...]] = (0.0,)  # a'' = beta sigma (1 - sigma)
 
+    # a''' = beta^2 sigma''(beta x): |sigma''| peaks at beta x = -+ log(2 + sqrt 3), value sqrt(3)/18
+    @property
+    def d3(self) -> float:  # type: ignore[override]
+        return self.beta ** 2 * SIGMOID_SMOOTHNESS
+
+    @property
+    def d3_peaks(self) -> tuple[float, ...]:  # type: ignore[override]
+        c = math.log(2 + math.sqrt(3)) / self.beta
+        return (-c, c)
+
     @property
     def facts(self) -> ScalarFacts:  # type: ignore[override]
         return ScalarFacts(math.inf, 1.0, self.beta / 4.0, math.log(2.0) / self.beta, 0.5)
@@ -603,6 +646,12 @@ class Sigmoid(Elementwise):
     d1_peaks: ClassVar[tuple[float, ...]] = (0.0,)
     # |sigma''| = sigma (1 - sigma) |1 - 2 sigma| peaks at sigma = 1/2 -+ 1/(2 sqrt 3), x = -+ log(2 + sqrt 3)
     d2_peaks: ClassVar[tuple[float, ...]] = (-math.log(2 + math.sqrt(3)), math.log(2 + math.sqrt(3)))
+    # sigma''' = s (1 - 6 s) with s = sigma (1 - sigma) in (0, 1/4]: |.| is 1/8 at x = 0 and has
+    # its other local maxima 1/24 at s = 1/12, sigma = (1 -+ sqrt(2/3)) / 2
+    d3: ClassVar[float] = 0.125
+    d3_peaks: ClassVar[tuple[float, ...]] = (
+        0.0, -math.log((1 + math.sqrt(2 / 3)) / (1 - math.sqrt(2 / 3))),
+        math.log((1 + math.sqrt(2 / 3)) / (1 - math.sqrt(2 / 3))))
 
     def function(self, x):
         return x.sigmoid()
@@ -617,6 +666,10 @@ class Tanh(Elementwise):
     d1_peaks: ClassVar[tuple[float, ...]] = (0.0,)
     # |tanh''| = 2 |tanh| (1 - tanh^2) peaks at tanh = -+ 1/sqrt 3
     d2_peaks: ClassVar[tuple[float, ...]] = (-math.atanh(1 / math.sqrt(3)), math.atanh(1 / math.sqrt(3)))
+    # tanh''' = -2 (1 - s)(1 - 3 s) with s = tanh^2: |.| is 2 at x = 0 and has its other local
+    # maxima 2/3 at s = 2/3
+    d3: ClassVar[float] = 2.0
+    d3_peaks: ClassVar[tuple[float, ...]] = (0.0, -math.atanh(math.sqrt(2 / 3)), math.atanh(math.sqrt(2 / 3)))
 
     def function(self, x):
         return x.tanh()

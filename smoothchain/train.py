@@ -10,9 +10,11 @@ squared Euclidean error against one-hot targets, no 1/2) with one of
 * ``sgd`` (mini-batch ``torch.optim.SGD``), ``gd`` (full-batch ``torch.optim.SGD``);
 * ``gauss-newton`` / ``newton`` (``smoothchain.optim.GaussNewton`` / ``Newton``, imported lazily;
   their ``step(closure)`` takes a closure returning the batch ``(x, y)``);
-* ``certified-gd`` (``smoothchain.optim.CertifiedGD``: gradient descent with the step
-  min(1/L_F, R / max_l ||g_l||) of a certificate on the ball of radius ``radius`` around the
-  weights, RH Cor. 4.5 / Prop. 4.2, ``tight`` constants, recertified every step; ``lr`` unused).
+* ``certified-gd`` (``smoothchain.optim.CertifiedGD``: gradient descent with a certified step,
+  recertified every step; ``lr`` unused): ``certify = "segment"`` (the default) certifies the
+  curvature along each step's own segment (docs/segment.md); ``"local"``, ``"tight"``, ``"paper"``
+  certify L_F on the ball of radius ``radius`` around the weights (RH Cor. 4.5 / Prop. 4.2) and
+  step min(1/L_F, R / max_l ||g_l||).
 
 ``batch_size = 0`` means full batch (F's batch mode).  Every step appends one JSON line to
 ``OUT/metrics.jsonl``: ``step``, ``loss`` (the step's batch objective before the step), ``layers``
@@ -63,8 +65,8 @@ DEFAULT_LR = {"dsgd": 1.0, "dsgd-all": 1.0, "random": 0.1, "sequential": 0.1, "s
               "certified-gd": 1.0}  # certified-gd takes no lr: its step is the certificate's
 #: optimizers whose ``step(closure)`` takes a closure returning the batch ``(x, y)``
 BATCH_CLOSURE = ("gauss-newton", "newton", "certified-gd")
-#: certified-gd: the constants mode of its certificates (smoothchain.certify's ``mode``)
-CERTIFIED_GD_MODE = "tight"
+#: certified-gd: what its certificates hold on (CertifiedGD's ``mode``); the first is the default
+CERTIFY_MODES = ("segment", "local", "tight", "paper")
 
 
 @dataclass
@@ -87,6 +89,7 @@ class TrainConfig:
     plots: bool = True
     rescale_data: bool = False  # DSGD: divide inputs by max |x| if F Assumption 4.1 (ii) fails
     radius: float = 0.1  # certified-gd: R of the ball around the weights (RH Cor. 4.5)
+    certify: str = CERTIFY_MODES[0]  # certified-gd: CertifiedGD's mode
 
     def resolved_lr(self) -> float:
         return float(DEFAULT_LR[self.optimizer] if self.lr is None else self.lr)
@@ -127,8 +130,9 @@ def build_model(n_in: int, hidden: int, n_out: int, *, seed: int = 0,
 
 
 def make_optimizer(name: str, model: nn.Module, q: float, lr: float, *, batch_size: int = 0,
-                   seed: int = 0, capture: str = "auto", radius: float = 0.1):
-    """The optimizer called ``name`` (see :data:`OPTIMIZERS`); ``radius`` is certified-gd's R."""
+                   seed: int = 0, capture: str = "auto", radius: float = 0.1, certify: str = CERTIFY_MODES[0]):
+    """The optimizer called ``name`` (see :data:`OPTIMIZERS`); ``radius`` and ``certify`` are
+    certified-gd's R and mode."""
     from .optim import DSGD
 
     mode = "batch" if batch_size == 0 else "stochastic"
@@ -159,7 +163,7 @@ def make_optimizer(name: str, model: nn.Module, q: float, lr: float, *, batch_si
         # "square" loss 1/(2m) sum ||z_i - y_i||^2, which has the RH constants.  CertifiedGD
         # certifies "squared-error" as "square" (with l2 halved) and doubles L_F: every term of
         # RH Prop. 4.2, L_psi l_f + l_psi^2 L_f, scales with the loss (certificate_loss).
-        return CertifiedGD(model, loss="squared-error", radius=radius, mode=CERTIFIED_GD_MODE)
+        return CertifiedGD(model, loss="squared-error", radius=radius, mode=certify)
     raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
 
 
@@ -293,6 +297,8 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ValueError("steps and batch_size must be >= 0, checkpoint_every and eval_every >= 1")
     if cfg.optimizer == "certified-gd" and not (isinstance(cfg.radius, (int, float)) and 0 < cfg.radius < math.inf):
         raise ValueError(f"certified-gd needs a finite radius > 0, got {cfg.radius!r}")
+    if cfg.certify not in CERTIFY_MODES:
+        raise ValueError(f"certify must be one of {', '.join(CERTIFY_MODES)}, got {cfg.certify!r}")
 
 
 def _training_data(cfg: TrainConfig, data, dtype: torch.dtype) -> _Data:
@@ -317,7 +323,8 @@ def _setup(cfg: TrainConfig, ctx, d: _Data, dtype: torch.dtype) -> _Run:
     lr = cfg.resolved_lr()
     model = build_model(d.x_tr.shape[1], cfg.hidden, d.z_tr.shape[1], seed=cfg.seed, dtype=dtype)
     opt = make_optimizer(cfg.optimizer, model, cfg.q, lr, batch_size=cfg.batch_size, seed=cfg.seed,
-                         capture="none" if ctx.world_size > 1 else "auto", radius=cfg.radius)
+                         capture="none" if ctx.world_size > 1 else "auto", radius=cfg.radius,
+                         certify=cfg.certify)
     batch_seed = cfg.seed + 1  # the mini-batch sampler's own generator
     gen = torch.Generator().manual_seed(batch_seed)
     run = _Run(cfg, ctx, model, opt, gen, lr, Path(cfg.out) if cfg.out else None)
@@ -430,7 +437,7 @@ def _finish(run: _Run, d: _Data, final_step: int) -> dict:
         "data": getattr(d.ds, "name", cfg.data),
         "hidden": cfg.hidden, "batch_size": cfg.batch_size, "steps": final_step,
         "world_size": run.ctx.world_size,
-        **({"radius": cfg.radius} if cfg.optimizer == "certified-gd" else {}),
+        **({"radius": cfg.radius, "certify": cfg.certify} if cfg.optimizer == "certified-gd" else {}),
         "final": evals[-1] if evals else None, "counts": run.counts,
         "diverged": bool(metrics and not math.isfinite(metrics[-1]["loss"])),
         "out": str(out) if out else None, "figures": [],

@@ -109,6 +109,44 @@ def test_every_step_decreases_at_least_the_certified_amount(name, factory, shape
         assert all(r.ball_eta < r.inverse_smoothness for r in opt.history)
 
 
+_BATCH_CASES = [c for c in CASES if c[3] != "autoencoder"]  # local and segment need targets
+
+
+@pytest.mark.parametrize("mode", ["local", "segment"])
+@pytest.mark.parametrize("name, factory, shape, loss, l2, radius", _BATCH_CASES, ids=[c[0] for c in _BATCH_CASES])
+def test_batch_certificates_decrease_at_least_the_certified_amount(name, factory, shape, loss, l2, radius, mode):
+    """The modes that certify the step's batch itself: "local" (its ball) and "segment" (the
+    step's own segment, docs/segment.md): the actual decrease is never below the certified one,
+    and the segment's step is never shorter than the ball's 1/L_F."""
+    model = factory()
+    x, y = batch(model, shape, loss, 7)
+    opt = CertifiedGD(model, loss=loss, radius=radius, mode=mode, l2=l2)
+    for _ in range(4):
+        opt.step(lambda: (x, y))
+    for rec in opt.history:
+        assert rec.certified_decrease > 0 and rec.recertified
+        assert rec.actual_decrease >= rec.certified_decrease - slack(rec), rec
+    if mode == "segment":
+        ball = CertifiedGD(factory(), loss=loss, radius=radius, mode="local", l2=l2)
+        ball.step(lambda: (x, y))
+        assert opt.history[0].eta >= ball.history[0].inverse_smoothness
+        assert all(r.reason == "segment" and r.ball_eta == math.inf for r in opt.history)
+    else:
+        assert opt.history[0].reason == "first" and all(r.reason in ("reused", "every") for r in opt.history[1:])
+
+
+def test_a_local_certificate_serves_only_its_batch():
+    model = mlp([5, 8, 3], "tanh", 1)
+    x, y = batch(model, (5,), "cross-entropy", 7)
+    opt = CertifiedGD(model, loss="cross-entropy", radius=0.5, mode="local", recertify_every=5)
+    opt.step(lambda: (x, y))
+    opt.step(lambda: (x, y))
+    x2 = x.clone()
+    x2[0, 0] *= 0.5  # smaller norm: a ball certificate would still serve it, a local one not
+    opt.step(lambda: (x2, y))
+    assert [r.reason for r in opt.history] == ["first", "reused", "batch"]
+
+
 @settings(max_examples=25)
 @given(widths=st.lists(st.integers(1, 5), min_size=2, max_size=4), act=st.sampled_from(sorted(ACTS)),
        loss=st.sampled_from(["cross-entropy", "square"]), n=st.integers(1, 5), seed=st.integers(0, 10_000),
@@ -401,7 +439,7 @@ def test_train_squared_error_certificate_scaling(digits):
     x = digits.x_train.reshape(len(digits.x_train), -1)
     z = digits.y_train.to(DT)
     model = build_model(x.shape[1], 5, z.shape[1], seed=0, dtype=DT)
-    opt = make_optimizer("certified-gd", model, 2.0, 1.0, radius=0.05)
+    opt = make_optimizer("certified-gd", model, 2.0, 1.0, radius=0.05, certify="tight")
     sq = certify(model, input_shape=(x.shape[1],), batch_size=len(x), radius=0.05, input_norm=float(x.norm()),
                  loss="square", mode="tight", around_weights=True,
                  target_norm=float(z.norm(dim=1).max()))

@@ -94,3 +94,13 @@ def test_no_import_cycle_in_the_package():
     for name in graph:
         if name not in state:
             visit(name, [name])
+
+
+def test_cli_lists_agree_with_the_library():
+    """The CLI writes its choices out (it imports no torch before a handler runs): they must be
+    the library's."""
+    from smoothchain import train
+    from smoothchain.cli import train as cli_train
+
+    assert cli_train.CERTIFY_MODES == train.CERTIFY_MODES
+    assert cli_train._OPTIMIZERS == train.OPTIMIZERS

@@ -15,6 +15,9 @@ __all__ = ["register"]
 
 _OPTIMIZERS = ("dsgd", "dsgd-all", "random", "sequential", "sgd-norm", "sgd", "gd",
                "gauss-newton", "newton", "certified-gd")
+#: smoothchain.train.CERTIFY_MODES, written out so that the CLI imports no torch before a
+#: handler runs (tests/test_layout.py checks the two agree)
+CERTIFY_MODES = ("segment", "local", "tight", "paper")
 
 
 _DEFAULT_HIDDEN = 300          # F Sec. 5
@@ -41,6 +44,10 @@ def register(sub) -> None:
     t.add_argument("--radius", type=real(0.0, strict=True, finite=True), default=0.1, metavar="R",
                    help="certified-gd: radius R of the ball around the weights on which each step's "
                         "smoothness L_F is certified (RH Cor. 4.5; default 0.1)")
+    t.add_argument("--certify", choices=CERTIFY_MODES, default=CERTIFY_MODES[0],
+                   help="certified-gd: 'segment' (default) certifies the curvature along each step's own "
+                        "segment (docs/segment.md); 'local', 'tight', 'paper' certify L_F on the ball of "
+                        "radius R around the weights (docs/local.md, RH Cor. 4.5)")
     t.add_argument("--out", default=None, help="directory for metrics.jsonl, checkpoint.pt, PNGs")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--checkpoint-every", type=int, default=50)
@@ -102,7 +109,8 @@ def _cmd_train(args) -> int:
                       resume=args.resume, seed=args.seed, checkpoint_every=args.checkpoint_every,
                       eval_every=args.eval_every, limit=args.limit, dtype=args.dtype,
                       distributed=args.distributed or in_torchrun(), plots=not args.no_plots,
-                      rescale_data=args.rescale_data, radius=args.radius)
+                      rescale_data=args.rescale_data, radius=args.radius,
+                      certify=args.certify)
     ctx = None
     try:
         if cfg.distributed:

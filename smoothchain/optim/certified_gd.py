@@ -40,7 +40,11 @@ certificate, its ball's centre, the history) and calls the functional pieces on 
 ``loss``: a loss of :mod:`smoothchain.losses` with RH constants ("cross-entropy", "square",
 "autoencoder", "convex-clustering"), or one of square form without them ("squared-error", alias
 "mse": F's eqs. 21-22, no 1/2), certified as a multiple of "square" (see :func:`certificate_loss`).
-``mode`` is handed unchanged to :func:`smoothchain.certify` (any constants mode it accepts).
+``mode``: ``"local"`` certifies the step's batch itself (:func:`smoothchain.local.certify_local`:
+the forward at the weights, activation constants over the reachable pre-activations, norms of
+the actual weights; docs/local.md), a certificate that serves that very batch only (another
+batch recertifies); any other mode is handed unchanged to :func:`smoothchain.certify`, which
+certifies every batch of the same shape and no larger ||x|| (``"tight"``, ``"paper"``).
 
 The guarantee is a statement in exact arithmetic about the exact gradient: the computed gradient
 and the rounded update differ from it by rounding (the tests, in float64, allow a tiny slack).
@@ -68,8 +72,13 @@ __all__ = ["CertifiedGD", "CertifiedStep", "certified_gd", "certified_step_size"
 CERTIFIED_GD_LOSSES = loss_names(certified=True) + tuple(
     n for n in loss_names(square=True) if n not in loss_names(certified=True))
 
+#: the constants mode that certifies the batch itself (smoothchain.local.certify_local)
+LOCAL = "local"
+#: the mode that certifies each step's own segment (smoothchain.segment, docs/segment.md)
+SEGMENT = "segment"
+
 #: reasons for a (re)certification, as recorded in :attr:`CertifiedStep.reason`
-REASONS = ("first", "every", "ball", "batch", "settings", "reused")
+REASONS = ("first", "every", "ball", "batch", "settings", "reused", "segment")
 
 
 @dataclass(frozen=True)
@@ -217,6 +226,18 @@ def _infinite_reason(cert) -> str:
             f"chain smoothness {cert.bounds.smoothness}, Lipschitz {cert.bounds.lipschitz})")
 
 
+def _same_batch(held, new) -> bool:
+    """A local certificate (``held`` its batch) serves only the very batch it was computed for."""
+    if held is None:
+        return True
+    if new is None:
+        return False
+    (x0, y0), (x1, y1) = held, new
+    same_y = (y0 is None and y1 is None) or (y0 is not None and y1 is not None and y0.shape == y1.shape
+                                             and bool(torch.equal(y0, y1)))
+    return x0.shape == x1.shape and bool(torch.equal(x0, x1)) and same_y
+
+
 class CertifiedGD(torch.optim.Optimizer):
     """Gradient descent with the largest step a smoothness certificate allows (module docstring).
 
@@ -225,7 +246,8 @@ class CertifiedGD(torch.optim.Optimizer):
             form one group, each belonging to one RH layer).
         loss: one of :data:`CERTIFIED_GD_LOSSES`.
         radius: R of the ball C around the weights (finite, > 0).
-        mode: the constants mode, passed as is to :func:`smoothchain.certify`.
+        mode: ``"local"`` (:func:`smoothchain.local.certify_local` on the step's batch) or a
+            constants mode of :func:`smoothchain.certify`, passed as is (module docstring).
         l2: lambda of r(w) = lambda/2 ||w||^2.
         recertify_every: k, the most steps one certificate serves (1 = every step).
         certifier: optional ``certifier(model, x, y, *, loss, radius, mode, l2) -> Certificate``
@@ -323,25 +345,27 @@ class CertifiedGD(torch.optim.Optimizer):
     @torch.no_grad()
     def _objective64(self, x, y, loss: str, l2: float) -> float:
         """F at the current weights in float64, on copies (the module's buffers are untouched)."""
-        from torch.func import functional_call
+        from ..functional import make_functional_call
 
         def to64(t: Tensor) -> Tensor:
             return t.detach().to(torch.float64, copy=True) if t.is_floating_point() else t.detach().clone()
 
-        state = {n: to64(p) for n, p in self.model.named_parameters()}
-        state.update({n: to64(b) for n, b in self.model.named_buffers()})
+        fm = make_functional_call(self.model)
+        params = [to64(p) for _, p in self.model.named_parameters()]
+        buffers = {n: to64(b) for n, b in self.model.named_buffers()}
         x64 = to64(x) if isinstance(x, Tensor) else x
         y64 = to64(y) if isinstance(y, Tensor) else y
-        f = loss_function(loss, y64, x64)
-        value = f(functional_call(self.model, state, (x64,)))
+        value = loss_function(loss, y64, x64)(fm(params, x64, buffers=buffers))
         if l2:
-            value = value + 0.5 * l2 * sum((state[n] * state[n]).sum() for n, _ in self.model.named_parameters())
+            value = value + 0.5 * l2 * sum((p * p).sum() for p in params)
         return float(value)
 
     def _batch_facts(self, x: Tensor, y, cert_loss: str) -> dict:
         """What the certificate depends on in the batch: its shape, ||x|| and the target norm."""
         facts = {"shape": tuple(int(s) for s in x.shape), "input_norm": float(x.detach().double().norm()),
                  "target_norm": 1.0}
+        if self.param_groups[0]["mode"] == LOCAL:  # valid for this very batch only
+            facts["batch"] = (x.detach().clone(), None if y is None else y.detach().clone())
         if cert_loss == "square":
             if y is None:
                 raise ValueError("the square loss needs targets y")
@@ -358,6 +382,10 @@ class CertifiedGD(torch.optim.Optimizer):
         cert_loss, scale = certificate_loss(loss)
         if self.certifier is not None:
             cert = self.certifier(self.model, x, y, loss=cert_loss, radius=radius, mode=mode, l2=l2 / scale)
+        elif mode == LOCAL:
+            from ..local import certify_local
+
+            cert = certify_local(self.model, x, y, loss=cert_loss, radius=radius, l2=l2 / scale)
         else:
             from ..certificate import certify
 
@@ -381,9 +409,37 @@ class CertifiedGD(torch.optim.Optimizer):
         if c["steps"] >= k:
             return "every"
         if (c["shape"] != facts["shape"] or facts["input_norm"] > c["input_norm"]
-                or facts["target_norm"] > c["target_norm"]):
+                or facts["target_norm"] > c["target_norm"] or not _same_batch(c.get("batch"), facts.get("batch"))):
             return "batch"
         return None
+
+    def _segment_step(self, x, y, params, grads, g64, grad_norm_sq, value, loss_before, loss, l2) -> Tensor:
+        """A step certified on its own segment (:func:`smoothchain.segment.certified_segment_step`):
+        eta from the certified curvature of F along -g, recertified every step."""
+        from ..segment import certified_segment_step
+
+        cert_loss, scale = certificate_loss(loss)
+        seconds, eta, decrease, curvature = 0.0, 0.0, 0.0, 0.0
+        if grad_norm_sq > 0:
+            t0 = time.perf_counter()
+            previous = self.history[-1].eta if self.history and self.history[-1].eta > 0 else None
+            # F = s f_c + l2/2 ||w||^2: certify F / s = f_c + (l2/s)/2 ||w||^2 along the same g
+            bound = certified_segment_step(self.model, x, y, g64, loss=cert_loss, l2=l2 / scale, start=previous)
+            seconds = time.perf_counter() - t0
+            self.last_certificate = bound
+            eta, decrease = bound.step, scale * bound.guaranteed_decrease
+            curvature = scale * bound.curvature_bound / grad_norm_sq  # L along g on the segment
+            certified_gd(params, grads, eta=eta)
+        loss_after = self._objective64(x, y, loss, l2)
+        state = self.state[params[0]]
+        state["step"] = state.get("step", 0) + 1
+        self.history.append(CertifiedStep(
+            step=len(self.history) + 1, loss_before=loss_before, loss_after=loss_after,
+            actual_decrease=loss_before - loss_after, certified_decrease=decrease, eta=eta,
+            inverse_smoothness=math.inf if curvature <= 0 else 1.0 / curvature, ball_eta=math.inf,
+            smoothness=curvature, grad_norm=math.sqrt(grad_norm_sq), recertified=grad_norm_sq > 0,
+            reason="segment", certify_seconds=seconds, displacement=eta * math.sqrt(grad_norm_sq)))
+        return torch.tensor(loss_before, dtype=torch.float64)
 
     # ----------------------------------------------------------------------------------------
     def step(self, closure=None) -> Tensor:  # type: ignore[override]
@@ -415,6 +471,8 @@ class CertifiedGD(torch.optim.Optimizer):
         grad_norm_sq = float(g64.dot(g64))
         loss_before = float(value) if value.dtype == torch.float64 else self._objective64(x, y, loss, l2)
 
+        if mode == SEGMENT:
+            return self._segment_step(x, y, params, grads, g64, grad_norm_sq, value, loss_before, loss, l2)
         blocks = self._blocks(tuple(x.shape[1:]))
         cert_loss, _ = certificate_loss(loss)
         facts = self._batch_facts(x, y, cert_loss)
