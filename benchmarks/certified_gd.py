@@ -4,8 +4,10 @@ scikit-learn digits (``smoothchain.data.digits``, the training split, full batch
 ``mlp`` (64-32-10 tanh, weights of ``smoothchain.certificate.seeded_module(seed)``), float64,
 cross-entropy, ``--steps`` steps (default 300):
 
-* certified GD: ``CertifiedGD(mode=--mode, radius=--radius, recertify_every=1)``, each step
-  eta = min(1/L_F, R / max_l ||g_l||) with L_F certified on the ball around the weights;
+* certified GD: ``CertifiedGD(mode=--mode, radius=--radius, recertify_every=1)``: with the
+  default ``segment`` each step's eta and decrease are certified on the step's own segment
+  (docs/segment.md); with ``local``/``tight``/``paper`` eta = min(1/L_F, R / max_l ||g_l||) with
+  L_F certified on the ball around the weights; ``--compare`` modes run too (default tight,local);
 * plain GD w <- w - eta g with a constant eta from ``--grid`` (default 1e-3, 3e-3, ..., 10),
   the same start.
 
@@ -13,11 +15,12 @@ Prints ONE JSON line (also written to ``--out``): the final loss of certified GD
 loss and its step, their ratio, min over the steps of (actual - certified decrease) (>= 0 up
 to rounding: the descent lemma holds), the mean certified eta and its ratio to the best constant
 step, how often the ball rather than 1/L_F limited the step, the L_F range and the wall time of
-``certify`` per step.  ``--plot FILE``: loss vs step of certified GD, the best tuned GD, two other
-grid steps and the guaranteed curve F(w_0) - cumulative certified decrease (left), and the
-certified eta with 1/L_F and the ball-limited step (right).
+``certify`` per step, and a summary of each ``--compare`` mode.  ``--plot FILE``: loss vs step of
+certified GD (each mode), the best tuned GD, two other grid steps and the guaranteed curve
+F(w_0) - cumulative certified decrease (left); actual and certified decrease per step (middle);
+the certified eta with 1 / certified curvature (and the ball-limited step) (right).
 
-Usage: ``python benchmarks/certified_gd.py [--steps 300] [--radius 0.1] [--mode tight]
+Usage: ``python benchmarks/certified_gd.py [--steps 300] [--radius 0.1] [--mode segment] [--compare tight,local]
 [--plot docs/figures/certified_gd.png] [--out benchmarks/certified_gd.json]``.
 """
 
@@ -60,38 +63,56 @@ def constant_gd(model, x, y, eta: float, steps: int) -> list[float]:
     return losses + [last if math.isfinite(last) else math.inf]
 
 
-def plot(path, cert_losses, guaranteed, grid_curves, best, others, hist, *, mode: str, radius: float) -> None:
+def certified_run(model0, x, y, mode: str, radius: float, steps: int):
+    """CertifiedGD from a copy of ``model0``: its history and wall time."""
+    model = copy.deepcopy(model0)
+    opt = CertifiedGD(model, loss="cross-entropy", radius=radius, mode=mode, recertify_every=1)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        opt.step(lambda: (x, y))
+    return opt.history, time.perf_counter() - t0
+
+
+def plot(path, cert_losses, guaranteed, grid_curves, best, others, hist, *, mode: str, radius: float,
+         compared=None) -> None:
     from smoothchain.report import new_figure, save_figure
 
-    fig = new_figure(figsize=(15, 4))
-    ax, zx, bx = fig.subplots(1, 3)
+    fig = new_figure(figsize=(15, 5.4))
+    ax, dx, bx = fig.subplots(1, 3)
     steps = range(len(cert_losses))
-    for a in (ax, zx):
-        a.plot(steps, grid_curves[best], label=f"GD, best constant step {best:g}", color="C3")
-        for i, eta in enumerate(others):
-            curve = [v if math.isfinite(v) else float("nan") for v in grid_curves[eta]]
-            a.plot(steps, curve, label=f"GD, step {eta:g}", color=f"C{i + 1}", ls="-.")
-        a.plot(steps, cert_losses, label=f"certified GD ({mode}, R = {radius:g})", color="C0", lw=2.5, zorder=5)
-        a.plot(steps, guaranteed, label="guaranteed: F(w0) - cumulative certified decrease", color="k", ls="--",
-               zorder=6)
-        a.set_xlabel("step")
+    ax.plot(steps, grid_curves[best], label=f"GD, best constant step {best:g}", color="C3")
+    for i, eta in enumerate(others):
+        curve = [v if math.isfinite(v) else float("nan") for v in grid_curves[eta]]
+        ax.plot(steps, curve, label=f"GD, step {eta:g}", color=f"C{i + 1}", ls="-.")
+    ax.plot(steps, cert_losses, label=f"certified GD ({mode})", color="C0", lw=2.5, zorder=5)
+    for i, (other, curve) in enumerate((compared or {}).items()):
+        ax.plot(steps, curve, label=f"certified GD ({other}, ball R = {radius:g})", color=f"C{i + 4}", lw=1.5, ls=":")
+    ax.plot(steps, guaranteed, label=f"guaranteed ({mode}): F(w0) - sum of certified decreases", color="k",
+            ls="--", zorder=6)
+    ax.set_xlabel("step")
     ax.set_yscale("log")
     ax.set_ylabel("cross-entropy (training set, full batch)")
-    ax.set_title("digits, mlp 64-32-10 tanh, full batch")
-    ax.legend(fontsize=7)
-    top = max(guaranteed[0], cert_losses[0])
-    low = min(cert_losses[-1], guaranteed[-1])
-    zx.set_ylim(low - 0.5 * (top - low), top + 0.1 * (top - low))
-    zx.set_title("zoom on certified GD and its guarantee")
+    ax.set_title("loss: digits, mlp 64-32-10 tanh, full batch")
+    # below the axes: inside, the legend covered the curves' ends
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     ts = [r.step for r in hist]
+    dx.plot(ts, [r.actual_decrease for r in hist], label="actual decrease", color="C0", lw=2)
+    dx.plot(ts, [r.certified_decrease for r in hist], label="certified decrease", color="k", ls="--")
+    dx.set_yscale("log")
+    dx.set_xlabel("step")
+    dx.set_ylabel("F(w_t) - F(w_t+1)")
+    dx.set_title(f"per step ({mode}): actual >= certified")
+    dx.legend(fontsize=7, loc="upper right")
     bx.plot(ts, [r.eta for r in hist], label="certified eta", color="C0", lw=2)
-    bx.plot(ts, [r.inverse_smoothness for r in hist], label="1/L_F", color="C1", ls="--")
-    bx.plot(ts, [r.ball_eta for r in hist], label="R / max_l ||g_l||", color="C2", ls=":")
+    bx.plot(ts, [r.inverse_smoothness for r in hist], label="1 / certified curvature", color="C1", ls="--")
+    if any(math.isfinite(r.ball_eta) for r in hist):
+        bx.plot(ts, [r.ball_eta for r in hist], label="R / max_l ||g_l||", color="C2", ls=":")
     bx.axhline(best, color="C3", label=f"best constant step {best:g}")
     bx.set_yscale("log")
     bx.set_xlabel("step")
     bx.set_ylabel("step size")
-    bx.legend(fontsize=7)
+    bx.set_title("step sizes")
+    bx.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
 
@@ -100,7 +121,9 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--radius", type=float, default=0.1)
-    ap.add_argument("--mode", default="tight", help="constants mode, passed to smoothchain.certify")
+    ap.add_argument("--mode", default="segment", help="CertifiedGD's mode (segment, local, tight, paper)")
+    ap.add_argument("--compare", default="tight,local",
+                    help="other CertifiedGD modes run for comparison (summary and figure); '' for none")
     ap.add_argument("--grid", default=GRID, help="constant steps of plain GD")
     ap.add_argument("--plot", default=None, help="write the figure to this PNG")
     args = parse_args(ap, argv, repeats=1)
@@ -109,13 +132,15 @@ def main(argv=None) -> dict:
     x, y = ds.x_train, ds.labels_train
     model0 = seeded_module("mlp", seed=args.seed).to(torch.float64)
 
-    model = copy.deepcopy(model0)
-    opt = CertifiedGD(model, loss="cross-entropy", radius=args.radius, mode=args.mode, recertify_every=1)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        opt.step(lambda: (x, y))
-    cert_wall = time.perf_counter() - t0
-    hist = opt.history
+    hist, cert_wall = certified_run(model0, x, y, args.mode, args.radius, args.steps)
+    compared = {}
+    for mode in [m.strip() for m in args.compare.split(",") if m.strip() and m.strip() != args.mode]:
+        h, wall = certified_run(model0, x, y, mode, args.radius, args.steps)
+        compared[mode] = {"final_loss": h[-1].loss_after, "mean_eta": sum(r.eta for r in h) / len(h),
+                          "smoothness_range": [min(r.smoothness for r in h), max(r.smoothness for r in h)],
+                          "all_steps_certified": all(r.actual_decrease >= r.certified_decrease - 1e-12 for r in h),
+                          "seconds_per_step": wall / args.steps,
+                          "curve": [h[0].loss_before] + [r.loss_after for r in h]}
     cert_losses = [hist[0].loss_before] + [r.loss_after for r in hist]
     guaranteed = [hist[0].loss_before]
     for r in hist:
@@ -134,7 +159,8 @@ def main(argv=None) -> dict:
               default=None)
     others = [first] + ([mid] if mid is not None else [])
     if args.plot:
-        plot(args.plot, cert_losses, guaranteed, grid_curves, best, others, hist, mode=args.mode, radius=args.radius)
+        plot(args.plot, cert_losses, guaranteed, grid_curves, best, others, hist, mode=args.mode, radius=args.radius,
+             compared={k: v["curve"] for k, v in compared.items()})
     margin = [r.actual_decrease - r.certified_decrease for r in hist]
     slack = [r.actual_decrease / r.certified_decrease for r in hist if r.certified_decrease > 0]
     doc = {
@@ -157,6 +183,7 @@ def main(argv=None) -> dict:
         "smoothness_range": [min(r.smoothness for r in hist), max(r.smoothness for r in hist)],
         "certify_seconds_per_step": sum(r.certify_seconds for r in hist) / len(hist),
         "certified_gd_seconds_per_step": cert_wall / args.steps,
+        "compared_modes": {k: {q: v[q] for q in v if q != "curve"} for k, v in compared.items()},
         "figure": args.plot,
         "threads": args.threads, "torch": torch.__version__, "machine": platform.machine(),
     }

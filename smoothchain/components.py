@@ -480,62 +480,56 @@ class Elementwise(Component):
         """(sup |a'|, sup |a''|, sup |a'''|) over the union of the intervals [lo_i, hi_i], as
         :meth:`sup_on` (ends and interior local maxima of each |a^(k)|, float64, relative margin
         1e-9, never above the global sups); raises if the activation declares no ``d3``."""
-        import torch
-
         if self.d3 is None or self.d3_peaks is None:
             raise ChainError(f"{type(self).__name__} declares no third-derivative facts (d3, d3_peaks)")
-        s1, s2 = self.sup_on(lo, hi)
-        lo, hi = lo.detach().double().reshape(-1), hi.detach().double().reshape(-1)
-        points = [torch.cat([lo, hi])]
-        inside = [float(c) for c in self.d3_peaks if bool(((lo <= c) & (c <= hi)).any())]
-        if inside:
-            points.append(torch.tensor(inside, dtype=torch.float64))
-        d3 = self._third(torch.cat(points))
-        best = float(d3.abs().max()) if d3.numel() else 0.0
-        return s1, s2, min(float(self.d3), best * (1 + 1e-9))
-
-    def _third(self, t):
-        """The third derivative of :meth:`function`, entry-wise by autograd (float64)."""
-        import torch
-
-        t = t.detach().double().requires_grad_(True)
-        with torch.enable_grad():
-            d1 = torch.autograd.grad(self.function(t).sum(), t, create_graph=True)[0]
-            d2 = torch.autograd.grad(d1.sum(), t, create_graph=True)[0]
-            d3 = torch.autograd.grad(d2.sum(), t, allow_unused=True)[0]
-        return torch.zeros_like(t) if d3 is None else d3.detach()
+        return self._sups(lo, hi, 3)
 
     def sup_on(self, lo, hi) -> tuple[float, float]:
         """(sup |a'|, sup |a''|) over the union of the intervals [lo_i, hi_i] (tensors of the same
         shape): |g| restricted to an interval is largest at an end or at one of its interior local
         maxima (``d1_peaks``, ``d2_peaks``), so the sup is a max over finitely many points, taken
         in float64 with a relative margin of 1e-9.  Never above the global facts."""
+        return self._sups(lo, hi, 2)
+
+    def _sups(self, lo, hi, orders: int):
         import torch
 
         f = self.facts
         lo, hi = lo.detach().double().reshape(-1), hi.detach().double().reshape(-1)
-        d1, d2 = self._derivatives(torch.cat([lo, hi]))
+        ends = self.derivatives(torch.cat([lo, hi]), orders)
+        table = ((self.d1_peaks, f.d1), (self.d2_peaks, f.d2), (self.d3_peaks, self.d3))[:orders]
         sups = []
-        for order, (values, peaks, glob) in enumerate(((d1, self.d1_peaks, f.d1), (d2, self.d2_peaks, f.d2))):
+        for order, (values, (peaks, glob)) in enumerate(zip(ends, table)):
             if peaks is None:
                 sups.append(glob)
                 continue
             inside = [float(c) for c in peaks if bool(((lo <= c) & (c <= hi)).any())]
             if inside:  # the peaks some interval contains
-                values = torch.cat([values, self._derivatives(torch.tensor(inside, dtype=torch.float64))[order]])
+                at_peaks = self.derivatives(torch.tensor(inside, dtype=torch.float64), orders)[order]
+                values = torch.cat([values, at_peaks])
             best = float(values.abs().max()) if values.numel() else 0.0
             sups.append(min(glob, best * (1 + 1e-9)))
-        return sups[0], sups[1]
+        return tuple(sups)
 
-    def _derivatives(self, t):
-        """(a'(t), a''(t)) entry-wise by autograd on :meth:`function` (float64)."""
+    def derivatives(self, t, orders: int = 2):
+        """(a'(t), ..., a^(orders)(t)) entry-wise (float64); by autograd on :meth:`function`
+        unless the activation writes them in closed form (tests/test_segment.py compares)."""
+        return self._autograd_derivatives(t, orders)
+
+    def _autograd_derivatives(self, t, orders: int):
         import torch
 
         t = t.detach().double().requires_grad_(True)
+        out = []
         with torch.enable_grad():
-            d1 = torch.autograd.grad(self.function(t).sum(), t, create_graph=True)[0]
-            d2 = torch.autograd.grad(d1.sum(), t, allow_unused=True)[0]
-        return d1.detach(), (torch.zeros_like(t) if d2 is None else d2.detach())
+            g = self.function(t)
+            for k in range(orders):
+                g = torch.autograd.grad(g.sum(), t, create_graph=k < orders - 1, allow_unused=True)[0]
+                if g is None:  # a polynomial of lower degree: the rest vanish
+                    out += [torch.zeros_like(t)] * (orders - k)
+                    break
+                out.append(g)
+        return tuple(d.detach() for d in out)
 
     def scalar_facts(self, mode: str = "tight") -> ScalarFacts:
         """The facts used by ``mode`` (``paper`` falls back to the tight ones where RH agrees)."""
@@ -627,7 +621,15 @@ class Softplus(Elementwise):
     def function(self, x):
         import torch
 
-        return torch.nn.functional.softplus(x, beta=self.beta, threshold=math.inf)
+        # log(1 + e^{beta x}) / beta without overflow (softplus with threshold=inf overflows for
+        # beta x > 709); its autograd derivative is sigma(beta x) everywhere
+        return torch.logaddexp(self.beta * x, torch.zeros_like(x)) / self.beta
+
+    def derivatives(self, t, orders: int = 2):
+        """a' = sigma(beta t), a'' = beta s, a''' = beta^2 s (1 - 2 sigma), s = sigma (1 - sigma)."""
+        sig = (self.beta * t.detach().double()).sigmoid()
+        s = sig * (1 - sig)
+        return (sig, self.beta * s, self.beta ** 2 * s * (1 - 2 * sig))[:orders]
 
     def to_torch(self):
         from torch import nn
@@ -656,6 +658,12 @@ class Sigmoid(Elementwise):
     def function(self, x):
         return x.sigmoid()
 
+    def derivatives(self, t, orders: int = 2):
+        """sigma' = s, sigma'' = s (1 - 2 sigma), sigma''' = s (1 - 6 s), s = sigma (1 - sigma)."""
+        sig = t.detach().double().sigmoid()
+        s = sig * (1 - sig)
+        return (s, s * (1 - 2 * sig), s * (1 - 6 * s))[:orders]
+
 
 @dataclass(frozen=True)
 class Tanh(Elementwise):
@@ -673,6 +681,12 @@ class Tanh(Elementwise):
 
     def function(self, x):
         return x.tanh()
+
+    def derivatives(self, t, orders: int = 2):
+        """tanh' = 1 - a^2, tanh'' = -2 a (1 - a^2), tanh''' = -2 (1 - a^2)(1 - 3 a^2), a = tanh."""
+        a = t.detach().double().tanh()
+        d1 = 1 - a * a
+        return (d1, -2 * a * d1, -2 * d1 * (1 - 3 * a * a))[:orders]
 
 
 @dataclass(frozen=True)
