@@ -178,6 +178,13 @@ class Component:
         (docs/local.md, per-entry bounds); None if unknown."""
         return None
 
+    def batch_gain_at(self, z, bias: bool) -> "float | None":
+        """For a bi-affine component on the batch ``z``: an upper bound on
+        sup ||beta(e_W, z) + beta^v(e_b)|| over ||(e_W, e_b)|| = 1 -- the spectral norm of the
+        batch matrix that multiplies the weights, with a column of ones for the bias (local
+        certificates, docs/local.md, "weight gain"); None if unknown."""
+        return None
+
     def weight_norms_at(self, weight, bias, shape: tuple[int, ...], batch_size: int) -> "WeightNorms | None":
         """For a bi-affine component with parameters (``weight``, ``bias``) = v*: upper bounds on
         ||z -> beta(v*, z)|| and ||beta^v(v*)|| (:class:`WeightNorms`), used by ``tight`` balls
@@ -196,6 +203,21 @@ class Component:
 
 
 # --------------------------------------------------------------------------- bi-affine parts
+
+
+def _augmented_spectral_norm(rows, bias: bool) -> float:
+    """||[rows, 1]||_2 (with the column of ones if ``bias``), float64, with the margin of _upper;
+    by the Gram matrix of the smaller side (the norm of a tall matrix)."""
+    import torch
+
+    if bias:
+        rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], dim=1)
+    if rows.numel() == 0:
+        return 0.0
+    gram = rows.T @ rows if rows.shape[0] >= rows.shape[1] else rows @ rows.T
+    top = float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0.0))
+    # eigvalsh is backward stable: |error| <= c u ||gram||, ||gram|| <= ||rows||_F^2
+    return _upper(math.sqrt(top + 1e-12 * float(rows.pow(2).sum())))
 
 
 @dataclass(frozen=True)
@@ -235,6 +257,11 @@ class Linear(Component):
         self.output_shape(shape)
         rows = batch_size * _prod(shape[:-1])
         return BilinearConstants(1.0, math.sqrt(rows) if self.bias else 0.0, 0.0, 0.0)
+
+    def batch_gain_at(self, z, bias):
+        """||[Z, 1]||_2 with Z the rows of z (one per example and leading position): the output
+        e_W^T Z + e_b 1^T has Frobenius norm <= ||[Z, 1]||_2 ||(e_W, e_b)||_F."""
+        return _augmented_spectral_norm(z.detach().double().reshape(-1, self.in_features), bias)
 
     def entry_norms_at(self, weight, z):
         """Output (n, i) reads the row z_n (all its inputs); its weights are W_i."""
@@ -377,6 +404,15 @@ class Conv2d(Component):
         n_p = out[0] * out[1]
         smooth = math.sqrt(n_p) if mode == "paper" else math.sqrt(self.multiplicity(shape))
         return BilinearConstants(smooth, math.sqrt(n_p * batch_size) if self.bias else 0.0, 0.0, 0.0)
+
+    def batch_gain_at(self, z, bias):
+        """||[U, 1]||_2 with U the patches of z (one row per example and output position, zero
+        padded): the convolution with e_W plus e_b is U e_W^T + 1 e_b^T, position by position."""
+        import torch
+
+        patches = torch.nn.functional.unfold(z.detach().double(), self.kernel_size, self.dilation, self.padding,
+                                             self.stride)  # (m, C k^2, P)
+        return _augmented_spectral_norm(patches.transpose(1, 2).reshape(-1, patches.shape[1]), bias)
 
     def entry_norms_at(self, weight, z):
         """Output (n, c, p) reads the patch of z_n at p (zero padded); its weights are W_c."""

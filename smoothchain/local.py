@@ -140,8 +140,12 @@ def certify_local(model: nn.Module, x: Tensor, y: Tensor, *, loss: str = "cross-
         b = layer.bilinear
         opens = mc.components[group[0]].role == "bilinear"
         u_star = outs[group[0]] if opens else z_star
-        eps = (_mul(_mul(b.smoothness, R), M_prev) + _mul(b.input_lipschitz, delta) + _mul(b.weight_lipschitz, R)
-               if opens else delta)
+        # sup over the ball of ||beta(e_W, z) + beta^v(e_b)|| / ||e||: L_beta M + l_v, or the
+        # spectral norm of the batch matrix [U(z*), 1] plus L_beta delta (docs/local.md, weight gain)
+        gain = _mul(b.smoothness, M_prev) + b.weight_lipschitz
+        if opens:
+            gain = min(gain, _batch_gain(mc, group[0], outs, x, delta, b))
+        eps = (_mul(gain, R) + _mul(b.input_lipschitz, delta) if opens else delta)
         nonlinear = group[1:] if opens else group
         lips, smooths = [], []
         for k, (ci, consts) in enumerate(zip(nonlinear, layer.nonlinear)):
@@ -160,7 +164,7 @@ def certify_local(model: nn.Module, x: Tensor, y: Tensor, *, loss: str = "cross-
         entrywise = bool(nonlinear) and isinstance(mc.components[nonlinear[0]], Elementwise)
         s1, s_rest = (terms[0], sum(terms[1:])) if entrywise else (0.0, smooth_a)
         z_gain = _mul(b.smoothness, R) + b.input_lipschitz  # L_beta R + l'_z
-        v_gain = _mul(b.smoothness, M_prev) + b.weight_lipschitz  # L_beta M_{l-1} + l_v
+        v_gain = gain  # <= L_beta M_{l-1} + l_v
         v_inf, z_inf = _entry_gains(mc, group[0], outs, x, delta, R, b) if opens else (0.0, 1.0)
         z_star = outs[group[-1]]
         delta = _mul(lip_a, eps)
@@ -176,6 +180,17 @@ def certify_local(model: nn.Module, x: Tensor, y: Tensor, *, loss: str = "cross-
     norms = tuple(layer.weight_norm or 0.0 for layer in chain.layers)
     objective = objective_bounds(bounds, loss_c, l2=l2, epsilon=epsilon, gap=gap, weight_norms=norms)
     return Certificate(chain, bounds, objective, "local", loss, m, type(model).__name__)
+
+
+def _batch_gain(mc, i: int, outs, x, delta_in: float, b) -> float:
+    """sup over the ball of the weight gain of bi-affine component i: ||[U(z*), 1]||_2 +
+    L_beta delta (docs/local.md, weight gain); inf when the component does not say."""
+    comp, leaf = mc.components[i], mc.leaves[mc.leaf_index[i]][1]
+    z_in = outs[i - 1] if i > 0 else x
+    got = comp.batch_gain_at(z_in, getattr(leaf, "bias", None) is not None)
+    if got is None:
+        return math.inf
+    return got + _mul(b.smoothness, delta_in)
 
 
 def _entry_gains(mc, i: int, outs, x, delta_in: float, R: float, b) -> tuple[float, float]:

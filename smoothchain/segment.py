@@ -104,7 +104,7 @@ def _stages(model: nn.Module, shape: tuple[int, ...], m: int) -> tuple[list[_Sta
         for i in range(1, len(mc.leaf_index)):
             if mc.leaf_index[i] == mc.leaf_index[i - 1]:
                 culprit = mc.leaves[mc.leaf_index[i]][0]
-        raise SegmentError(f"module {culprit!r} gives several components (batch norm?); segment "
+        raise SegmentError(f"module {culprit!r} ({type(dict(mc.leaves)[culprit]).__name__}) gives several components; segment "
                            f"certificates take linear, conv, tanh/sigmoid/softplus, average pooling and "
                            f"flatten layers: use CertifiedGD(mode='local') for this model")
     seen: set[int] = set()

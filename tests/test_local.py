@@ -116,3 +116,30 @@ def test_local_certificate_errors():
         certify_local(net, torch.zeros(2, 2), torch.tensor([0, 1]), loss="autoencoder")
     with pytest.raises(ChainError, match="NaN"):
         certify_local(net, torch.full((2, 2), math.nan), torch.tensor([0, 1]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(kind=st.sampled_from(["linear", "conv"]), bias=st.booleans(), m=st.integers(1, 4), seed=st.integers(0, 10_000),
+       stride=st.integers(1, 2), padding=st.integers(0, 1))
+def test_batch_gain_is_the_norm_of_the_weight_map(kind, bias, m, seed, stride, padding):
+    """||e -> beta(e, z) + beta^v(e)|| built densely (the Jacobian of the layer in its weights,
+    by autograd) equals Component.batch_gain_at up to its margin (docs/local.md, weight gain)."""
+    torch.manual_seed(seed)
+    if kind == "linear":
+        layer, z = nn.Linear(5, 3, bias=bias).double(), torch.randn(m, 2, 5, dtype=DT)
+        comp = Linear(5, 3, bias)
+    else:
+        layer = nn.Conv2d(2, 3, 3, stride=stride, padding=padding, bias=bias).double()
+        z = torch.randn(m, 2, 5, 5, dtype=DT)
+        comp = Conv2d.from_torch(layer, (2, 5, 5))
+    names = [n for n, _ in layer.named_parameters()]
+    params = tuple(p.detach() for _, p in layer.named_parameters())
+
+    def out(*ps):
+        return torch.func.functional_call(layer, dict(zip(names, ps)), (z,)).reshape(-1)
+
+    jac = torch.func.jacrev(out, argnums=tuple(range(len(params))))(*params)
+    J = torch.cat([j.reshape(j.shape[0], -1) for j in jac], 1)
+    exact = float(torch.linalg.matrix_norm(J, 2))
+    got = comp.batch_gain_at(z, bias)
+    assert exact <= got <= exact * (1 + 1e-7) + 1e-9
