@@ -92,8 +92,8 @@ class _Stage:
     lipschitz: float = 1.0    # of a linear map
 
 
-def _stages(model: nn.Module, shape: tuple[int, ...], m: int) -> tuple[list[_Stage], int]:
-    """The model as a list of stages (float64 copies of its leaves), and the number of weights."""
+def _stages(model: nn.Module, shape: tuple[int, ...], m: int) -> tuple[list[_Stage], tuple[int, ...]]:
+    """The model as a list of stages (float64 copies of its leaves), and its per-example output shape."""
     mc = components_from_module(model, shape, m)
     offsets, start = {}, 0
     for name, p in model.named_parameters():
@@ -136,7 +136,7 @@ def _stages(model: nn.Module, shape: tuple[int, ...], m: int) -> tuple[list[_Sta
                                f"identity): use CertifiedGD(mode='local') for this model")
         if any(True for _ in leaf.parameters(recurse=False)) and stages[-1].kind != "affine":
             raise SegmentError(f"module {name!r} has parameters but is not a linear or conv layer")
-    return stages, start
+    return stages, tuple(mc.shapes[-1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,14 +306,6 @@ def _check(model, x, y, direction, loss: str, l2: float, pieces: int):
     return w, d
 
 
-def _stages_output_width(model: nn.Module, shape: tuple[int, ...], m: int) -> int:
-    mc = components_from_module(model, shape, m)
-    out = mc.shapes[-1]
-    if len(out) != 1:
-        raise SegmentError(f"cross-entropy needs outputs of shape (classes,), the model gives {out}")
-    return int(out[0])
-
-
 class _Problem:
     """One batch, one model, one direction: jets and piece bounds on demand."""
 
@@ -321,15 +313,18 @@ class _Problem:
         self.w, self.d = _check(model, x, y, direction, loss, l2, pieces)
         self.x = x.detach().double()
         self.m = int(x.shape[0])
+        self.stages, out_shape = _stages(model, tuple(x.shape[1:]), self.m)
         if y.is_floating_point():
             self.y = y.detach().double()
         else:  # one-hot rows made here: the loss table's cache must not be filled inside a transform
-            logits = _stages_output_width(model, tuple(x.shape[1:]), self.m)
+            if len(out_shape) != 1:
+                raise SegmentError(f"cross-entropy with labels needs outputs of shape (classes,), the model "
+                                   f"gives {out_shape}")
+            logits = int(out_shape[0])
             if bool((y < 0).any()) or bool((y >= logits).any()):
                 raise SegmentError(f"labels y must lie in 0..{logits - 1} (the model has {logits} outputs)")
             self.y = torch.nn.functional.one_hot(y.detach().long(), logits).double()
         self.loss, self.l2, self.pieces = loss, float(l2), pieces
-        self.stages, _ = _stages(model, tuple(x.shape[1:]), self.m)
         self.f = loss_function(loss, self.y, self.x)
         self.c2, self.c3 = _loss_constants(loss, self.y, self.m)
         self.dd = float(self.d.dot(self.d))
