@@ -34,7 +34,7 @@ from .certificate import Certificate
 from .chain import Chain, ChainError, _mul
 from .components import BatchNorm, Elementwise, NORM_MARGIN, build_layers
 from .functional import batch_normalize
-from .losses import SUPERVISED_LOSSES, LossConstants, get_loss
+from .losses import SUPERVISED_LOSSES, LossConstants, get_loss, loss_function
 from .objective import objective_bounds
 from .recursion import ChainBounds, LayerBound
 from .torch_chain import components_from_module
@@ -49,15 +49,15 @@ def _norm(t: Tensor) -> float:
     return float(t.detach().double().norm()) * (1 + NORM_MARGIN)
 
 
-def _forward_by_component(model: nn.Module, mc, x: Tensor) -> list[Tensor]:
+def _forward_by_component(model: nn.Module, mc, x: Tensor, track: bool = False) -> list[Tensor]:
     """The batch after each component at the weights (``outs[i]`` = output of component i),
-    batch norm with the batch statistics (RH eq. 11)."""
+    batch norm with the batch statistics (RH eq. 11); ``track``: with autograd's graph."""
     leaves = copy.deepcopy(list(mc.leaves))  # shared modules stay shared within the copy
     for _, leaf in leaves:
         leaf.double().train()
     outs: list[Tensor] = []
     h = x.double()
-    with torch.no_grad():
+    with torch.enable_grad() if track else torch.no_grad():
         for i, comp in enumerate(mc.components):
             name, leaf = leaves[mc.leaf_index[i]]
             first = i == 0 or mc.leaf_index[i - 1] != mc.leaf_index[i]
@@ -136,6 +136,7 @@ def certify_local(model: nn.Module, x: Tensor, y: Tensor, *, loss: str = "cross-
     z_star, delta = x, 0.0
     M_prev, l_prev, L_prev = _norm(x), 0.0, 0.0
     rows = []
+    backward = []  # per layer: (its gains, sup ||J_l||, a bound on sup ||J_l - J*_l||): Prop. 4
     for index, (layer, group) in enumerate(zip(chain.layers, groups), start=1):
         b = layer.bilinear
         opens = mc.components[group[0]].role == "bilinear"
@@ -171,6 +172,14 @@ def certify_local(model: nn.Module, x: Tensor, y: Tensor, *, loss: str = "cross-
         lip = _mul(lip_a, math.hypot(v_gain, _mul(z_gain, l_prev)))
         smooth = _joint_smoothness(s1, s_rest, lip_a, v_gain, z_gain, min(v_inf, v_gain), min(z_inf, z_gain),
                                    l_prev, L_prev, b.smoothness)
+        # the layer's own second-order term in the quadratic form of Prop. 4
+        q = (s1, s_rest, lip_a, v_gain, z_gain, min(v_inf, v_gain), min(z_inf, z_gain), b.smoothness)
+        if opens:  # J = Da(u) B(v): ||Da(u) - Da(u*)|| <= s_a eps, ||B(v) - B(v*)|| <= L_beta R
+            j_dev = _mul(_mul(smooth_a, eps), z_gain) + _mul(lip_a, _mul(b.smoothness, R))
+            j_sup = _mul(lip_a, z_gain)
+        else:
+            j_dev, j_sup = _mul(smooth_a, eps), lip_a
+        backward.append((q, j_sup, j_dev))
         M = _norm(z_star) + delta
         rows.append(LayerBound(index, layer.name or f"layer{index}", M, lip, smooth, _norm(u_star) + eps,
                                lip_a, smooth_a))
@@ -178,8 +187,68 @@ def certify_local(model: nn.Module, x: Tensor, y: Tensor, *, loss: str = "cross-
     bounds = ChainBounds(tuple(rows), M_prev, l_prev, L_prev, R, chain.input_norm, "weights")
     loss_c = _local_loss_constants(loss, outs[-1], y, delta, m)
     norms = tuple(layer.weight_norm or 0.0 for layer in chain.layers)
-    objective = objective_bounds(bounds, loss_c, l2=l2, epsilon=epsilon, gap=gap, weight_norms=norms)
+    term = _adjoint_term(model, mc, x, y, loss, groups, backward, loss_c, delta)
+    objective = objective_bounds(bounds, loss_c, l2=l2, epsilon=epsilon, gap=gap, weight_norms=norms,
+                                 loss_part=term)
     return Certificate(chain, bounds, objective, "local", loss, m, type(model).__name__)
+
+
+def _adjoint_term(model, mc, x, y, loss: str, groups, backward, loss_c: LossConstants, delta_out: float) -> float:
+    """A bound on sup_C sup_{||h|| = 1} D^2 (f o psi)[h, h] (docs/local.md, Prop. 4):
+
+    D^2 (f o psi)[h, h] = D^2 f[z'_tau, z'_tau] + sum_l <lambda_l, Q_l(h)>, with lambda_l = df/dz_l
+    (the adjoint; at the weights by autograd, its move over C bounded backwards) and Q_l(h) the
+    layer's own second-order term.  With ||z'_l|| <= g_l^T |e| (|e| the vector of the layers'
+    ||e_l||) and |<lambda_l, Q_l(h)>| <= Lambda_l |e|^T M_l |e|, the bound is the largest eigenvalue
+    of sum_l Lambda_l M_l + L_f g_tau g_tau^T (non-negative entries)."""
+    outs = _forward_by_component(model, mc, x, track=True)
+    ends = [outs[g[-1]] for g in groups]
+    f = loss_function(loss, y, x)
+    grads = torch.autograd.grad(f(outs[-1]), ends, allow_unused=True)
+    lam = [0.0 if g is None else _norm(g) for g in grads]
+    tau = len(groups)
+    # Lambda_l >= sup_C ||lambda_l||, backwards
+    Lams = [0.0] * tau
+    Lam, dev = loss_c.lipschitz, _mul(loss_c.smoothness, delta_out)
+    for l in range(tau - 1, -1, -1):
+        _, j_sup, j_dev = backward[l]
+        Lam = min(Lam, lam[l] + dev)
+        Lams[l] = Lam
+        # lambda_{l-1} - lambda*_{l-1} = J^T (lambda - lambda*) + (J - J*)^T lambda*
+        dev = _mul(j_sup, dev) + _mul(j_dev, lam[l])
+        Lam = _mul(j_sup, Lam)
+    # the quadratic form in |e|, forwards
+    M = torch.zeros(tau, tau, dtype=torch.float64)
+    g = torch.zeros(tau, dtype=torch.float64)
+    for l in range(tau):
+        (s1, s_rest, la, v, z, v_inf, z_inf, Lb), _, _ = backward[l]
+        e = torch.zeros(tau, dtype=torch.float64)
+        e[l] = 1.0
+        b = _lin(v, e, z, g)  # ||D u_l[h]|| <= b^T |e|
+        a = _lin(v_inf, e, z_inf, g)  # every entry of D u_l[h] is <= a^T |e|
+        # s1 (a^T|e|)(b^T|e|) + s_rest (b^T|e|)^2 + 2 la L_beta |e_l| (g^T|e|), as symmetric matrices
+        M_l = (_lin(0.5 * s1, torch.outer(a, b) + torch.outer(b, a), s_rest, torch.outer(b, b))
+               + _lin(_mul(la, Lb), torch.outer(e, g) + torch.outer(g, e), 0.0, M))
+        if Lams[l] > 0:
+            if bool(torch.isinf(M_l).any()) or math.isinf(Lams[l]):
+                return math.inf
+            M = M + Lams[l] * M_l
+        g = la * b if la > 0 else torch.zeros_like(g)  # ||z'_l|| <= la ||D u_l[h]||
+    if math.isinf(loss_c.smoothness) or bool(torch.isinf(g).any()):
+        return math.inf
+    M = M + loss_c.smoothness * torch.outer(g, g)
+    top = float(torch.linalg.eigvalsh((M + M.T) / 2)[-1]) if tau else 0.0
+    return top * (1 + 1e-12) + 1e-300
+
+
+def _lin(alpha: float, A: Tensor, beta: float, B: Tensor) -> Tensor:
+    """alpha A + beta B with 0 * inf = 0 for the scalars (a zero gain removes its term)."""
+    out = torch.zeros_like(A)
+    if alpha != 0.0:
+        out = out + alpha * A
+    if beta != 0.0:
+        out = out + beta * B
+    return out
 
 
 def _batch_gain(mc, i: int, outs, x, delta_in: float, b) -> float:

@@ -42,19 +42,25 @@ class ObjectiveBounds:
 
 
 def objective_bounds(chain: ChainBounds, loss: LossConstants, *, l2: float = 0.0, epsilon: float = 1e-2,
-                     gap: float | None = None, weight_norms: tuple[float, ...] | None = None) -> ObjectiveBounds:
+                     gap: float | None = None, weight_norms: tuple[float, ...] | None = None,
+                     loss_part: float | None = None) -> ObjectiveBounds:
     """RH Prop. 4.2 and Thm 4.1 for the chain bounds ``chain`` and loss constants ``loss``.
 
     Without ``gap`` the certificate uses Delta <= sup_C F - inf_C F
     <= 2 l_f m_psi + (range of r on C): lambda/2 tau R^2 for balls around 0 and
     lambda/2 sum_l ((||v*_l|| + R)^2 - max(0, ||v*_l|| - R)^2) around the weights
-    (``weight_norms``).
+    (``weight_norms``).  ``loss_part``: another bound on sup_C ||grad^2 (f o psi)|| than
+    L_psi l_f + l_psi^2 L_f (the local certificates' adjoint bound, docs/local.md Prop. 4); the
+    smaller one is used.
     """
     if l2 < 0 or math.isnan(l2):
         raise ChainError(f"--l2 must be >= 0, got {l2}")
     if not epsilon > 0:
         raise ChainError(f"--epsilon must be > 0, got {epsilon}")
-    smooth = _mul(chain.smoothness, loss.lipschitz) + _mul(_mul(chain.lipschitz, chain.lipschitz), loss.smoothness) + l2
+    part = _mul(chain.smoothness, loss.lipschitz) + _mul(_mul(chain.lipschitz, chain.lipschitz), loss.smoothness)
+    if loss_part is not None and not math.isnan(loss_part):
+        part = min(part, loss_part)
+    smooth = part + l2
     step = 0.0 if math.isinf(smooth) else (math.inf if smooth == 0 else 1.0 / smooth)
     if gap is None:
         R = chain.radius
