@@ -147,12 +147,16 @@ def certify_local(model: nn.Module, x: Tensor, y: Tensor, *, loss: str = "cross-
         if opens:
             gain = min(gain, _batch_gain(mc, group[0], outs, x, delta, b))
         eps = (_mul(gain, R) + _mul(b.input_lipschitz, delta) if opens else delta)
+        v_inf, z_inf = _entry_gains(mc, group[0], outs, x, delta, R, b) if opens else (0.0, 1.0)
+        # per entry, u_i - u*_i = <dW_i, slice> + db_i + <W*_i, d slice>: |.| <= R v_inf + z_inf delta
+        # (docs/local.md, Prop. 1), often far below the batch-level eps
+        box = min(eps, _mul(R, v_inf) + _mul(z_inf, delta)) if opens else eps
         nonlinear = group[1:] if opens else group
         lips, smooths = [], []
         for k, (ci, consts) in enumerate(zip(nonlinear, layer.nonlinear)):
             comp = mc.components[ci]
             if k == 0 and isinstance(comp, Elementwise):
-                lip, smooth = comp.sup_on(u_star - eps, u_star + eps)
+                lip, smooth = comp.sup_on(u_star - box, u_star + box)
                 lip, smooth = min(lip, consts.lipschitz), min(smooth, consts.smoothness)
             else:
                 lip, smooth = consts.lipschitz, consts.smoothness
@@ -166,7 +170,6 @@ def certify_local(model: nn.Module, x: Tensor, y: Tensor, *, loss: str = "cross-
         s1, s_rest = (terms[0], sum(terms[1:])) if entrywise else (0.0, smooth_a)
         z_gain = _mul(b.smoothness, R) + b.input_lipschitz  # L_beta R + l'_z
         v_gain = gain  # <= L_beta M_{l-1} + l_v
-        v_inf, z_inf = _entry_gains(mc, group[0], outs, x, delta, R, b) if opens else (0.0, 1.0)
         z_star = outs[group[-1]]
         delta = _mul(lip_a, eps)
         lip = _mul(lip_a, math.hypot(v_gain, _mul(z_gain, l_prev)))
@@ -174,18 +177,23 @@ def certify_local(model: nn.Module, x: Tensor, y: Tensor, *, loss: str = "cross-
                                    l_prev, L_prev, b.smoothness)
         # the layer's own second-order term in the quadratic form of Prop. 4
         q = (s1, s_rest, lip_a, v_gain, z_gain, min(v_inf, v_gain), min(z_inf, z_gain), b.smoothness)
-        if opens:  # J = Da(u) B(v): ||Da(u) - Da(u*)|| <= s_a eps, ||B(v) - B(v*)|| <= L_beta R
-            j_dev = _mul(_mul(smooth_a, eps), z_gain) + _mul(lip_a, _mul(b.smoothness, R))
+        # ||Da(u) - Da(u*)||: for one element-wise stage max_i |a'(u_i) - a'(u*_i)| <= s_a box,
+        # else s_a eps (the smoothness on the box, ||u - u*|| <= eps)
+        move = box if entrywise and len(nonlinear) == 1 else eps
+        if opens:  # J = Da(u) B(v), ||B(v) - B(v*)|| <= L_beta R
+            j_dev = _mul(_mul(smooth_a, move), z_gain) + _mul(lip_a, _mul(b.smoothness, R))
             j_sup = _mul(lip_a, z_gain)
         else:
-            j_dev, j_sup = _mul(smooth_a, eps), lip_a
+            j_dev, j_sup = _mul(smooth_a, move), lip_a
         backward.append((q, j_sup, j_dev))
         M = _norm(z_star) + delta
         rows.append(LayerBound(index, layer.name or f"layer{index}", M, lip, smooth, _norm(u_star) + eps,
                                lip_a, smooth_a))
         M_prev, l_prev, L_prev = M, lip, smooth
     bounds = ChainBounds(tuple(rows), M_prev, l_prev, L_prev, R, chain.input_norm, "weights")
-    loss_c = _local_loss_constants(loss, outs[-1], y, delta, m)
+    # every logit moves by at most `box` when the last layer ends with its bi-affine part
+    out_box = box if opens and not nonlinear else math.inf
+    loss_c = _local_loss_constants(loss, outs[-1], y, delta, m, out_box)
     norms = tuple(layer.weight_norm or 0.0 for layer in chain.layers)
     term = _adjoint_term(model, mc, x, y, loss, groups, backward, loss_c, delta)
     objective = objective_bounds(bounds, loss_c, l2=l2, epsilon=epsilon, gap=gap, weight_norms=norms,
@@ -226,6 +234,8 @@ def _adjoint_term(model, mc, x, y, loss: str, groups, backward, loss_c: LossCons
         e[l] = 1.0
         b = _lin(v, e, z, g)  # ||D u_l[h]|| <= b^T |e|
         a = _lin(v_inf, e, z_inf, g)  # every entry of D u_l[h] is <= a^T |e|
+        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all()) and math.isfinite(Lams[l])):
+            return math.inf  # an unbounded gain: no adjoint bound (RH Prop. 4.2 stays)
         # s1 (a^T|e|)(b^T|e|) + s_rest (b^T|e|)^2 + 2 la L_beta |e_l| (g^T|e|), as symmetric matrices
         M_l = (_lin(0.5 * s1, torch.outer(a, b) + torch.outer(b, a), s_rest, torch.outer(b, b))
                + _lin(_mul(la, Lb), torch.outer(e, g) + torch.outer(g, e), 0.0, M))
@@ -237,8 +247,18 @@ def _adjoint_term(model, mc, x, y, loss: str, groups, backward, loss_c: LossCons
     if math.isinf(loss_c.smoothness) or bool(torch.isinf(g).any()):
         return math.inf
     M = M + loss_c.smoothness * torch.outer(g, g)
-    top = float(torch.linalg.eigvalsh((M + M.T) / 2)[-1]) if tau else 0.0
-    return top * (1 + 1e-12) + 1e-300
+    if not bool(torch.isfinite(M).all()):
+        return math.inf
+    M = (M + M.T) / 2
+    # the Perron root of a non-negative matrix is at most its largest row sum (Gershgorin): the
+    # fallback when LAPACK's eigh fails to converge
+    rows = float(M.sum(dim=1).max()) if tau else 0.0
+    try:
+        top = float(torch.linalg.eigvalsh(M)[-1]) if tau else 0.0
+        top += 1e-12 * float(M.abs().sum())  # the eigensolver's backward error
+    except torch.linalg.LinAlgError:
+        top = rows
+    return min(top, rows) * (1 + 1e-12) + 1e-300
 
 
 def _lin(alpha: float, A: Tensor, beta: float, B: Tensor) -> Tensor:
@@ -278,14 +298,19 @@ def _entry_gains(mc, i: int, outs, x, delta_in: float, R: float, b) -> tuple[flo
     return v_inf, row + R  # the rows of W* + Delta; the built-in bi-affine parts have beta^z = 0
 
 
-def _local_loss_constants(loss: str, z_star: Tensor, y: Tensor, delta: float, m: int) -> LossConstants:
-    """sup of ||grad f|| and ||grad^2 f|| over ||Z - Z*|| <= delta (docs/local.md, Prop. 3)."""
+def _local_loss_constants(loss: str, z_star: Tensor, y: Tensor, delta: float, m: int,
+                          box: float = math.inf) -> LossConstants:
+    """sup of ||grad f|| and ||grad^2 f|| over ||Z - Z*|| <= delta, every entry of Z - Z* at most
+    ``box`` (docs/local.md, Prop. 3)."""
     z_star = z_star.reshape(m, -1)
     if loss == "cross-entropy":
         p = torch.softmax(z_star, dim=-1)
         target = y.double() if y.is_floating_point() else torch.nn.functional.one_hot(y, p.shape[-1]).double()
-        lip = (_norm(p - target.reshape(p.shape)) + 0.5 * delta) / m
-        smooth = min(0.5, float(p.max()) + 0.5 * delta) / m
-        return LossConstants(min(lip, math.sqrt(2.0 / m)), smooth * (1 + NORM_MARGIN), loss)
+        # |log p_k - log p*_k| <= |dz_k| + |d lse| <= 2 box, so p_k <= p*_k e^(2 box)
+        top = min(0.5, float(p.max()) + 0.5 * delta, float(p.max()) * math.exp(min(2.0 * box, 700.0)))
+        smooth = top * (1 + NORM_MARGIN) / m
+        # grad f = (P - Y)/m moves by at most (sup ||grad^2 f||) delta
+        lip = min(_norm(p - target.reshape(p.shape)) / m + smooth * delta, math.sqrt(2.0 / m))
+        return LossConstants(lip, smooth, loss)
     diff = z_star - y.double().reshape(z_star.shape)
     return LossConstants((_norm(diff) + delta) / m, 1.0 / m, loss)

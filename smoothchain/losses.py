@@ -250,17 +250,12 @@ def loss_function(name: str, y=None, x=None, among: tuple[str, ...] | None = Non
     x = None if x is None else x.detach()
     value = loss.value
     if loss.name == "cross-entropy" and y is not None and not y.is_floating_point():
-        # one-hot rows built once, outside f (no data-dependent op inside f, so f can be traced)
-        import torch
-
-        one_hot: dict = {}
+        # one-hot rows by a scatter at every call: no data-dependent shape, and no tensor cached
+        # across calls (a cache filled inside a torch.func transform escapes its level)
+        index = y.long().unsqueeze(-1)
 
         def f(z):
-            key = (z.shape[-1], z.dtype, z.device)
-            if key not in one_hot:
-                with torch.no_grad():
-                    one_hot[key] = torch.nn.functional.one_hot(y, z.shape[-1]).to(z.dtype)
-            return value(z, one_hot[key], x)
+            return value(z, z.new_zeros(z.shape).detach().scatter(-1, index, 1.0), x)
 
         return f
     return lambda z: value(z, y, x)

@@ -16,6 +16,7 @@ from torch import nn  # noqa: E402
 from smoothchain import ChainError  # noqa: E402
 from smoothchain.components import ChannelAffine, Conv2d, Linear, ReLU, Sigmoid, Softplus, Tanh  # noqa: E402
 from smoothchain.local import _joint_smoothness, certify_local  # noqa: E402
+from smoothchain.losses import loss_function  # noqa: E402
 
 DT = torch.float64
 
@@ -143,3 +144,51 @@ def test_batch_gain_is_the_norm_of_the_weight_map(kind, bias, m, seed, stride, p
     exact = float(torch.linalg.matrix_norm(J, 2))
     got = comp.batch_gain_at(z, bias)
     assert exact <= got <= exact * (1 + 1e-7) + 1e-9
+
+
+@settings(max_examples=20, deadline=None)
+@given(widths=st.lists(st.integers(1, 6), min_size=2, max_size=4), act=st.sampled_from(["tanh", "sigmoid", "softplus"]),
+       m=st.integers(1, 4), seed=st.integers(0, 10_000), radius=st.sampled_from([0.0, 0.05, 0.3]),
+       loss=st.sampled_from(["cross-entropy", "square"]))
+def test_objective_bound_holds_at_random_points_of_the_ball(widths, act, m, seed, radius, loss):
+    """L_F of certify_local (with the adjoint bound of docs/local.md Prop. 4) is at least the top
+    |eigenvalue| of the dense Hessian of F at the weights and at random points of C; and it is
+    never above RH Prop. 4.2's composition of the same chain and loss constants."""
+    if widths[-1] < 2:
+        widths = widths[:-1] + [2]
+    torch.manual_seed(seed)
+    acts = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "softplus": nn.Softplus}
+    mods = []
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        mods.append(nn.Linear(a, b))
+        if i < len(widths) - 2:
+            mods.append(acts[act]())
+    model = nn.Sequential(*mods).double()
+    x = torch.randn(m, widths[0], dtype=DT)
+    y = torch.randint(0, widths[-1], (m,)) if loss == "cross-entropy" else torch.randn(m, widths[-1], dtype=DT)
+    cert = certify_local(model, x, y, loss=loss, radius=radius)
+    o, bnd = cert.objective, cert.bounds
+    assert o.smoothness <= bnd.smoothness * o.loss_lipschitz + bnd.lipschitz ** 2 * o.loss_smoothness + 1e-12
+
+    layers = [mod for mod in model if isinstance(mod, nn.Linear)]
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    w0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    f = loss_function(loss, y, x)
+
+    def F(w):
+        ps = torch.split(w, [s.numel() for s in shapes])
+        return f(torch.func.functional_call(model, {n: p.reshape(s) for n, p, s in zip(names, ps, shapes)}, (x,)))
+
+    gen = torch.Generator().manual_seed(seed)
+    for k in range(3):
+        w = w0.clone()
+        start = 0
+        for layer in layers:  # a point of C: each layer's (W, b) moved by at most R
+            n = sum(p.numel() for p in layer.parameters())
+            d = torch.randn(n, generator=gen, dtype=DT)
+            w[start:start + n] += (radius if k else 0.0) * d / d.norm()
+            start += n
+        H = torch.func.hessian(F)(w)
+        top = float(torch.linalg.eigvalsh((H + H.T) / 2).abs().max())
+        assert top <= o.smoothness * (1 + 1e-9) + 1e-12, (top, o.smoothness)
