@@ -381,18 +381,23 @@ def segment_bound(model: nn.Module, x: Tensor, y: Tensor, direction: Tensor, ste
 
 def certified_segment_step(model: nn.Module, x: Tensor, y: Tensor, direction: Tensor, *,
                            loss: str = "cross-entropy", l2: float = 0.0, pieces: int = DEFAULT_PIECES,
-                           start: float | None = None) -> SegmentBound:
+                           start: float | None = None, tries: int = 6) -> SegmentBound:
     """A step T along -``direction`` with a certified decrease, and its certificate.
 
     The descent lemma on the segment: with kappa(T) the certified sup of phi'' on [0, T], a step
-    T with T kappa(T) <= -phi'(0) guarantees a decrease of at least T |phi'(0)| / 2.  The first
-    try is T0 = 1.25 ``start`` (the previous step: steps change slowly) or, without it, the
-    Cauchy step -phi'(0) / phi''(0), never above twice the Cauchy step; if T0 kappa(T0) exceeds
-    -phi'(0), the second try is T1 = -phi'(0) / kappa(T0) <= T0, which satisfies the condition
-    since kappa(T1) <= kappa(T0) -- rounded down to the end of a piece of the first try when at
-    least half of them fit in [0, T1] (their bounds then serve as they are), else on fresh pieces.
-    Returns the try with the larger guaranteed decrease (at most 2 ``pieces`` jet passes).
+    T with T kappa(T) <= -phi'(0) ("good") guarantees a decrease of at least T |phi'(0)| / 2.
+    The first try is T0 = 1.25 ``start`` (the previous step: steps change slowly) or, without
+    it, the Cauchy step -phi'(0) / phi''(0), never above twice the Cauchy step.  Each next try
+    is the fixed point's update T <- -phi'(0) / kappa(T), kept strictly between the largest good
+    and the smallest bad T seen (their geometric mean otherwise): a bad T gives a good one below
+    it (kappa only grows with the segment), a good T more than 1.5x below its update gives a
+    larger one.
+    A bad try's pieces inside [0, T'] serve the next try T' when at least half of them fit
+    (no new jet pass).  At most ``tries`` certificates; returns the one with the largest
+    guaranteed decrease.
     """
+    if isinstance(tries, bool) or not isinstance(tries, int) or tries < 1:
+        raise SegmentError(f"tries must be a positive integer, got {tries!r}")
     prob = _Problem(model, x, y, direction, loss, l2, pieces)
     slope, curv = prob.at(0.0)[1:3]
     if not slope < 0:
@@ -400,22 +405,35 @@ def certified_segment_step(model: nn.Module, x: Tensor, y: Tensor, direction: Te
     g = -slope
     cauchy = g / curv if curv > 0 else math.inf
     if start is not None and math.isfinite(start) and start > 0:
-        T0 = min(1.25 * float(start), 2.0 * cauchy)
+        T = min(1.25 * float(start), 2.0 * cauchy)
     else:
-        T0 = cauchy if math.isfinite(cauchy) else 1.0
-    first = prob.bound(T0)
-    if T0 * first.curvature_bound <= g:
-        return first
-    T1 = g / first.curvature_bound
-    # the first try's pieces inside [0, T1] already bound phi'' there: a second certificate on
-    # them costs nothing, on fresh pieces it costs `pieces` jet passes; the better one is kept
-    k = sum(1 for a, b, _ in first.pieces if b <= T1)
-    reused = _restricted(first, k) if k else None
-    if reused is not None and k >= pieces // 2:
-        second = reused
-    else:
-        second = prob.bound(T1)
-    return second if second.guaranteed_decrease >= first.guaranteed_decrease else first
+        T = cauchy if math.isfinite(cauchy) else 1.0
+    good, bad = 0.0, math.inf
+    best = previous = None
+    for _ in range(tries):
+        cand = None
+        if previous is not None and previous.step > T:  # reuse the bad try's pieces below T
+            k = sum(1 for a, b, _ in previous.pieces if b <= T)
+            if k >= max(1, pieces // 2):
+                cand = _restricted(previous, k)
+        if cand is None:
+            cand = prob.bound(T)
+        T = cand.step
+        if best is None or cand.guaranteed_decrease > best.guaranteed_decrease:
+            best = cand
+        kappa = cand.curvature_bound
+        if T * kappa <= g:
+            good = max(good, T)
+        else:
+            bad = min(bad, T)
+            previous = cand
+        nxt = g / kappa if kappa > 0 else 2.0 * T
+        if not good < nxt < bad:
+            nxt = math.sqrt(good * bad) if good > 0 and math.isfinite(bad) else (0.5 * bad if good == 0 else 2.0 * good)
+        if (T * kappa <= g and nxt <= 1.5 * T) or abs(nxt - T) <= 0.1 * T or (math.isfinite(bad) and bad <= 1.25 * good):
+            break  # a good step within 1.5x of the fixed point, or the fixed point to 10 %
+        T = nxt
+    return best
 
 
 def _restricted(bound: SegmentBound, k: int) -> SegmentBound:

@@ -557,3 +557,19 @@ def test_non_finite_direction(value):
     for call in _both_calls(model, x, y, d):
         with pytest.raises(SegmentError):
             call()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_certified_step_recovers_from_a_tiny_start(seed):
+    """A far too short previous step (``start``) does not pin the next one: the search grows
+    the step to the segment's own fixed point, sound all along."""
+    model = _mlp(seed, 4, [6, 6], 3, ["tanh", "sigmoid"], True, 1.0)
+    x, y = _batch(seed, 5, (4,), 3, "cross-entropy")
+    F = _objective(model, x, y, "cross-entropy", 0.0)
+    w = _flat_params(model)
+    d = _direction("gradient", F, w, seed)
+    free = certified_segment_step(model, x, y, d)
+    tiny = certified_segment_step(model, x, y, d, start=1e-9)
+    assert tiny.step >= 0.3 * free.step, (tiny.step, free.step)
+    assert tiny.guaranteed_decrease > 0
+    assert float(F(w) - F(w - tiny.step * d)) >= tiny.guaranteed_decrease - 1e-12 * (1 + abs(float(F(w))))
