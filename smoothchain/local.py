@@ -122,7 +122,9 @@ def certify_local(model: nn.Module, x: Tensor, y: Tensor, *, loss: str = "cross-
     m, R = int(x.shape[0]), float(radius)
     x = x.detach().double()
     mc = components_from_module(model, tuple(x.shape[1:]), m, weight_norms=True)
-    outs = _forward_by_component(model, mc, x)
+    # one forward, with autograd's graph for the adjoints of Prop. 4; the recursion reads values
+    tracked = _forward_by_component(model, mc, x, track=True)
+    outs = [t.detach() for t in tracked]
     layers = build_layers(mc.components, mc.shapes, m, "tight", mc.names, mc.weight_norms, mc.norms_at_weights)
     chain = Chain(tuple(layers), input_norm=_norm(x), radius=R).around_weights()
 
@@ -195,21 +197,21 @@ def certify_local(model: nn.Module, x: Tensor, y: Tensor, *, loss: str = "cross-
     out_box = box if opens and not nonlinear else math.inf
     loss_c = _local_loss_constants(loss, outs[-1], y, delta, m, out_box)
     norms = tuple(layer.weight_norm or 0.0 for layer in chain.layers)
-    term = _adjoint_term(model, mc, x, y, loss, groups, backward, loss_c, delta)
+    term = _adjoint_term(tracked, x, y, loss, groups, backward, loss_c, delta)
     objective = objective_bounds(bounds, loss_c, l2=l2, epsilon=epsilon, gap=gap, weight_norms=norms,
                                  loss_part=term)
     return Certificate(chain, bounds, objective, "local", loss, m, type(model).__name__)
 
 
-def _adjoint_term(model, mc, x, y, loss: str, groups, backward, loss_c: LossConstants, delta_out: float) -> float:
+def _adjoint_term(outs, x, y, loss: str, groups, backward, loss_c: LossConstants, delta_out: float) -> float:
     """A bound on sup_C sup_{||h|| = 1} D^2 (f o psi)[h, h] (docs/local.md, Prop. 4):
 
     D^2 (f o psi)[h, h] = D^2 f[z'_tau, z'_tau] + sum_l <lambda_l, Q_l(h)>, with lambda_l = df/dz_l
     (the adjoint; at the weights by autograd, its move over C bounded backwards) and Q_l(h) the
     layer's own second-order term.  With ||z'_l|| <= g_l^T |e| (|e| the vector of the layers'
     ||e_l||) and |<lambda_l, Q_l(h)>| <= Lambda_l |e|^T M_l |e|, the bound is the largest eigenvalue
-    of sum_l Lambda_l M_l + L_f g_tau g_tau^T (non-negative entries)."""
-    outs = _forward_by_component(model, mc, x, track=True)
+    of sum_l Lambda_l M_l + L_f g_tau g_tau^T (non-negative entries).  ``outs``: the forward of
+    :func:`certify_local` with autograd's graph."""
     ends = [outs[g[-1]] for g in groups]
     f = loss_function(loss, y, x)
     grads = torch.autograd.grad(f(outs[-1]), ends, allow_unused=True)
@@ -238,7 +240,7 @@ def _adjoint_term(model, mc, x, y, loss: str, groups, backward, loss_c: LossCons
             return math.inf  # an unbounded gain: no adjoint bound (RH Prop. 4.2 stays)
         # s1 (a^T|e|)(b^T|e|) + s_rest (b^T|e|)^2 + 2 la L_beta |e_l| (g^T|e|), as symmetric matrices
         M_l = (_lin(0.5 * s1, torch.outer(a, b) + torch.outer(b, a), s_rest, torch.outer(b, b))
-               + _lin(_mul(la, Lb), torch.outer(e, g) + torch.outer(g, e), 0.0, M))
+               + _mul(la, Lb) * (torch.outer(e, g) + torch.outer(g, e)))
         if Lams[l] > 0:
             if bool(torch.isinf(M_l).any()) or math.isinf(Lams[l]):
                 return math.inf

@@ -42,9 +42,9 @@ from torch import Tensor, nn
 from torch.func import grad as func_grad
 from torch.func import jvp
 
-from .chain import ChainError
+from .chain import ChainError, _mul
 from .components import NORM_MARGIN, AdaptiveAvgPool2d, AvgPool2d, Conv2d, Elementwise, Linear
-from .functional import make_functional_call
+from .functional import flat_parameters, make_functional_call
 from .losses import get_loss, loss_function
 from .torch_chain import components_from_module
 
@@ -90,6 +90,10 @@ class _Stage:
     params: tuple[str, ...] = ()   # "weight"/"bias" names of an affine leaf
     slices: tuple[slice, ...] = ()  # their places in the flat vector
     lipschitz: float = 1.0    # of a linear map
+
+    def __post_init__(self):
+        # one functional wrapper per affine leaf, built once (it is called 5 times per piece)
+        self.call = make_functional_call(self.module) if self.kind == "affine" else None
 
 
 def _stages(model: nn.Module, shape: tuple[int, ...], m: int) -> tuple[list[_Stage], tuple[int, ...]]:
@@ -149,10 +153,9 @@ class _Jet:
 
 
 def _affine_call(stage: _Stage, tensors: Sequence[Tensor | None], z: Tensor) -> Tensor:
-    call = make_functional_call(stage.module)
     named = {n: (t if t is not None else torch.zeros_like(getattr(stage.module, n)))
              for n, t in zip(stage.params, tensors)}
-    return call(named, z)
+    return stage.call(named, z)
 
 
 def _jets(stages: list[_Stage], w: Tensor, d: Tensor, a: float, x: Tensor) -> list[tuple[_Jet, _Jet | None]]:
@@ -213,10 +216,6 @@ def _sups(jet: _Jet, crude: tuple[float, float, float], delta: float) -> _Sups:
     inf1 = min(s1, _up(float(per_entry.max())) if per_entry.numel() else 0.0)
     reach = delta * per_entry * (1 + NORM_MARGIN)
     return _Sups((s0, s1, s2, s3), inf1, jet.j0 - reach, jet.j0 + reach)
-
-
-def _mul(a: float, b: float) -> float:
-    return 0.0 if a == 0.0 or b == 0.0 else a * b
 
 
 def _piece_sups(stages: list[_Stage], jets, w: Tensor, d: Tensor, a: float, delta: float, x: Tensor,
@@ -294,8 +293,8 @@ def _check(model, x, y, direction, loss: str, l2: float, pieces: int):
         raise SegmentError(f"l2 must be a finite number >= 0, got {l2!r}")
     if isinstance(pieces, bool) or not isinstance(pieces, int) or pieces < 1:
         raise SegmentError(f"pieces must be a positive integer, got {pieces!r}")
-    w = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()]) if any(
-        True for _ in model.parameters()) else torch.zeros(0, dtype=torch.float64)
+    w = (flat_parameters(model).double() if any(True for _ in model.parameters())
+         else torch.zeros(0, dtype=torch.float64))
     if not isinstance(direction, Tensor) or direction.dim() != 1 or direction.numel() != w.numel():
         got = tuple(direction.shape) if isinstance(direction, Tensor) else type(direction).__name__
         raise SegmentError(f"direction must be a flat vector of the model's {w.numel()} parameters "
@@ -316,14 +315,14 @@ class _Problem:
         self.stages, out_shape = _stages(model, tuple(x.shape[1:]), self.m)
         if y.is_floating_point():
             self.y = y.detach().double()
-        else:  # one-hot rows made here: the loss table's cache must not be filled inside a transform
+        else:  # labels, checked here for a clear message (the loss table scatters them)
             if len(out_shape) != 1:
                 raise SegmentError(f"cross-entropy with labels needs outputs of shape (classes,), the model "
                                    f"gives {out_shape}")
             logits = int(out_shape[0])
             if bool((y < 0).any()) or bool((y >= logits).any()):
                 raise SegmentError(f"labels y must lie in 0..{logits - 1} (the model has {logits} outputs)")
-            self.y = torch.nn.functional.one_hot(y.detach().long(), logits).double()
+            self.y = y.detach().long()
         self.loss, self.l2, self.pieces = loss, float(l2), pieces
         self.f = loss_function(loss, self.y, self.x)
         self.c2, self.c3 = _loss_constants(loss, self.y, self.m)
