@@ -205,6 +205,10 @@ class Component:
 # --------------------------------------------------------------------------- bi-affine parts
 
 
+#: entries of one chunk of patches when a batch's patch matrix is built piece by piece
+PATCH_CHUNK_ENTRIES = 1 << 25
+
+
 def _augmented_spectral_norm(rows, bias: bool) -> float:
     """||[rows, 1]||_2 (with the column of ones if ``bias``), float64, with the margin of _upper;
     by the Gram matrix of the smaller side (the norm of a tall matrix)."""
@@ -215,9 +219,16 @@ def _augmented_spectral_norm(rows, bias: bool) -> float:
     if rows.numel() == 0:
         return 0.0
     gram = rows.T @ rows if rows.shape[0] >= rows.shape[1] else rows @ rows.T
+    return _gram_spectral_norm(gram, float(rows.pow(2).sum()))
+
+
+def _gram_spectral_norm(gram, frobenius2: float) -> float:
+    """sqrt(lambda_max(gram)) for gram = A^T A (or A A^T) with ||A||_F^2 = ``frobenius2``, with
+    the margin of _upper: eigvalsh is backward stable, |error| <= c u ||gram|| <= c u ||A||_F^2."""
+    import torch
+
     top = float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0.0))
-    # eigvalsh is backward stable: |error| <= c u ||gram||, ||gram|| <= ||rows||_F^2
-    return _upper(math.sqrt(top + 1e-12 * float(rows.pow(2).sum())))
+    return _upper(math.sqrt(top + 1e-12 * frobenius2))
 
 
 @dataclass(frozen=True)
@@ -410,17 +421,39 @@ class Conv2d(Component):
         padded): the convolution with e_W plus e_b is U e_W^T + 1 e_b^T, position by position."""
         import torch
 
-        patches = torch.nn.functional.unfold(z.detach().double(), self.kernel_size, self.dilation, self.padding,
-                                             self.stride)  # (m, C k^2, P)
-        return _augmented_spectral_norm(patches.transpose(1, 2).reshape(-1, patches.shape[1]), bias)
+        z = z.detach()
+        m, (p_h, p_w) = z.shape[0], self._out_hw(tuple(z.shape[1:]))
+        width = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        per = max(1, PATCH_CHUNK_ENTRIES // max(1, width * p_h * p_w))  # examples per chunk of patches
+        if per >= m:
+            patches = torch.nn.functional.unfold(z.double(), self.kernel_size, self.dilation, self.padding,
+                                                 self.stride)  # (m, C k^2, P)
+            return _augmented_spectral_norm(patches.transpose(1, 2).reshape(-1, width), bias)
+        # a batch too large for its patch matrix: [U, 1]^T [U, 1] summed chunk by chunk of examples
+        gram, frobenius2 = None, 0.0
+        for part in z.split(per):
+            rows = torch.nn.functional.unfold(part.double(), self.kernel_size, self.dilation, self.padding,
+                                              self.stride).transpose(1, 2).reshape(-1, width)
+            if bias:
+                rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+            g = rows.T @ rows
+            gram = g if gram is None else gram.add_(g)
+            frobenius2 += float(rows.pow(2).sum())
+        return _gram_spectral_norm(gram, frobenius2)
 
     def entry_norms_at(self, weight, z):
-        """Output (n, c, p) reads the patch of z_n at p (zero padded); its weights are W_c."""
+        """Output (n, c, p) reads the patch of z_n at p (zero padded); its weights are W_c.  The
+        squared patch norms are the convolution of sum_c z_c^2 with a kernel of ones."""
         import torch
 
-        z, W = z.detach().double(), weight.detach().double()
-        patches = torch.nn.functional.unfold(z, self.kernel_size, self.dilation, self.padding, self.stride)
-        return _upper(float(patches.norm(dim=1).max())), _upper(float(W.flatten(1).norm(dim=1).max()))
+        z, W = z.detach(), weight.detach().double()
+        ones = z.new_ones(1, 1, *self.kernel_size, dtype=torch.float64)
+        squares = torch.cat([torch.nn.functional.conv2d(part.double().pow(2).sum(1, keepdim=True), ones,
+                                                         stride=self.stride, padding=self.padding,
+                                                         dilation=self.dilation).flatten()
+                             for part in z.split(max(1, PATCH_CHUNK_ENTRIES // max(1, z[0].numel())))])
+        return (_upper(math.sqrt(float(squares.max().clamp_min(0.0)))),
+                _upper(float(W.flatten(1).norm(dim=1).max())))
 
     def weight_norms_at(self, weight, bias, shape, batch_size):
         """An upper bound on the operator norm of the convolution with kernel W*, the least of

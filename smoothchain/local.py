@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
 
@@ -36,7 +38,7 @@ from .components import BatchNorm, Elementwise, NORM_MARGIN, build_layers
 from .functional import batch_normalize
 from .losses import SUPERVISED_LOSSES, LossConstants, get_loss, loss_function
 from .objective import objective_bounds
-from .recursion import ChainBounds, LayerBound
+from .recursion import ChainBounds, LayerBound, _prod, chain_bounds
 from .torch_chain import components_from_module
 
 __all__ = ["certify_local", "LOCAL_LOSSES"]
@@ -49,38 +51,86 @@ def _norm(t: Tensor) -> float:
     return float(t.detach().double().norm()) * (1 + NORM_MARGIN)
 
 
-def _forward_by_component(model: nn.Module, mc, x: Tensor, track: bool = False) -> list[Tensor]:
-    """The batch after each component at the weights (``outs[i]`` = output of component i),
-    batch norm with the batch statistics (RH eq. 11); ``track``: with autograd's graph."""
-    leaves = copy.deepcopy(list(mc.leaves))  # shared modules stay shared within the copy
+#: bytes of one chunk of examples in the tracked pass of the adjoints (autograd keeps its graph)
+CHUNK_BYTES = 1 << 31
+#: entries per call of an activation's sup over intervals (its temporaries are a few times this)
+SUP_CHUNK_ENTRIES = 1 << 24
+
+
+def _leaves64(mc) -> list:
+    """Copies of the model's leaves in float64, in training mode (batch statistics, RH eq. 11);
+    shared modules stay shared within the copy."""
+    leaves = copy.deepcopy(list(mc.leaves))
     for _, leaf in leaves:
         leaf.double().train()
-    outs: list[Tensor] = []
-    h = x.double()
-    with torch.enable_grad() if track else torch.no_grad():
-        for i, comp in enumerate(mc.components):
-            name, leaf = leaves[mc.leaf_index[i]]
-            first = i == 0 or mc.leaf_index[i - 1] != mc.leaf_index[i]
-            last = i + 1 == len(mc.components) or mc.leaf_index[i + 1] != mc.leaf_index[i]
-            if first:
-                leaf_input = h
-            if first and last:
-                h = leaf(h)
-            elif isinstance(comp, BatchNorm):  # the normalisation of a BatchNorm leaf, before its affine part
-                dims = [0] if comp.over == "entry" else [0, *range(2, h.dim())]
-                h = batch_normalize(h, dims, comp.eps)
-            elif last:
-                h = leaf(leaf_input)
-            else:
-                raise ChainError(f"module {name!r} gives several components; local certificates "
-                                 f"support only batch norm among those")
-            outs.append(h)
-    return outs
+    return leaves
 
 
-def _prod(*factors: float) -> float:
-    """Product with the convention 0 * inf = 0 for any number of factors (as :func:`_mul`)."""
-    return 0.0 if any(f == 0.0 for f in factors) else math.prod(factors)
+def _component_outputs(mc, leaves, x: Tensor) -> Iterator[Tensor]:
+    """The batch after each component in turn (the i-th value is the output of component i).  A
+    generator, so that a sweep holds only the tensors it still needs; the caller sets the grad
+    mode (a ``with`` inside a generator would leak into its consumer)."""
+    h = x
+    for i, comp in enumerate(mc.components):
+        name, leaf = leaves[mc.leaf_index[i]]
+        first = i == 0 or mc.leaf_index[i - 1] != mc.leaf_index[i]
+        last = i + 1 == len(mc.components) or mc.leaf_index[i + 1] != mc.leaf_index[i]
+        if first:
+            leaf_input = h
+        if first and last:
+            h = leaf(h)
+        elif isinstance(comp, BatchNorm):  # the normalisation of a BatchNorm leaf, before its affine part
+            dims = [0] if comp.over == "entry" else [0, *range(2, h.dim())]
+            h = batch_normalize(h, dims, comp.eps)
+        elif last:
+            h = leaf(leaf_input)
+        else:
+            raise ChainError(f"module {name!r} gives several components; local certificates "
+                             f"support only batch norm among those")
+        yield h
+
+
+def _chunk_size(mc, m: int) -> int:
+    """Examples per chunk of the tracked pass: the whole batch when a component couples the
+    examples (batch norm) or when it fits in :data:`CHUNK_BYTES`."""
+    if any(isinstance(c, BatchNorm) for c in mc.components):
+        return m
+    # autograd keeps about each component's output and its input: 16 bytes per float64 entry
+    per_example = 16 * sum(math.prod(shape) for shape in mc.shapes)
+    return max(1, min(m, CHUNK_BYTES // max(1, per_example)))
+
+
+def _adjoint_norms(mc, leaves, x: Tensor, y: Tensor, loss: str, ends: list[int], chunk: int) -> list[float]:
+    """||lambda*_l|| = ||df/dz_l|| at the weights for the components ``ends`` (the ends of the RH
+    layers), by autograd, ``chunk`` examples at a time: f is a mean over the batch and, without
+    batch norm, example n's output reads only example n, so each chunk's adjoints are those of
+    (its size / m) x its own mean loss."""
+    m = x.shape[0]
+    squares = [0.0] * len(ends)
+    for xc, yc in zip(x.split(chunk), y.split(chunk)):
+        with torch.enable_grad():
+            xc = xc.detach().requires_grad_(True)  # every output is then in the graph
+            outs, kept = None, []
+            for i, out in enumerate(_component_outputs(mc, leaves, xc)):
+                outs = out
+                if i in ends:
+                    kept.append(out)
+            value = loss_function(loss, yc, xc)(outs) * (xc.shape[0] / m)
+            grads = torch.autograd.grad(value, kept, allow_unused=True)
+        for k, g in enumerate(grads):
+            if g is not None:
+                squares[k] += float(g.detach().double().pow(2).sum())
+    return [math.sqrt(sq) * (1 + NORM_MARGIN) for sq in squares]
+
+
+def _sup_on_box(comp: Elementwise, u: Tensor, box: float) -> tuple[float, float]:
+    """comp.sup_on over the intervals [u_i - box, u_i + box], a piece of u at a time (the sup over
+    a union is the max of the sups over its parts)."""
+    lip = smooth = 0.0
+    for part in u.detach().reshape(-1).split(SUP_CHUNK_ENTRIES):
+        a, b = comp.sup_on(part - box, part + box)
+        lip, smooth = max(lip, a), max(smooth, b)
+    return lip, smooth
 
 
 def _joint_smoothness(s1: float, s_rest: float, la: float, v: float, z: float, v_inf: float, z_inf: float,
@@ -101,7 +151,8 @@ def _joint_smoothness(s1: float, s_rest: float, la: float, v: float, z: float, v
 
 
 def certify_local(model: nn.Module, x: Tensor, y: Tensor, *, loss: str = "cross-entropy", radius: float = 0.1,
-                  l2: float = 0.0, epsilon: float = 1e-2, gap: float | None = None) -> Certificate:
+                  l2: float = 0.0, epsilon: float = 1e-2, gap: float | None = None,
+                  chunk_size: int | None = None) -> Certificate:
     """A certificate of F(w) = f(psi(w; x)) + l2/2 ||w||^2 for the batch (``x``, ``y``) on the balls
     of radius ``radius`` around the model's current weights (module docstring, docs/local.md).
 
@@ -109,6 +160,11 @@ def certify_local(model: nn.Module, x: Tensor, y: Tensor, *, loss: str = "cross-
     ``bounds.layers`` rows hold M_l (``output_bound``), l_l, L_l; ``objective.smoothness`` is
     L_F = L_psi l_f + l_psi^2 L_f + l2 (RH Prop. 4.2) with the loss constants over the reachable
     outputs.  Valid for this batch only.
+
+    Memory: the recursion sweeps the batch through the layers once, holding one layer's tensors
+    at a time; the adjoints of Prop. 4 are taken ``chunk_size`` examples at a time (default: as
+    many as fit in :data:`CHUNK_BYTES`; the whole batch with batch norm), so VGG-16 at m = 128,
+    224 x 224 runs in about 12 GB.  The chunking changes no bound.
     """
     if not isinstance(model, nn.Module):
         raise ChainError(f"a local certificate needs an nn.Module with its weights, got {type(model).__name__}")
@@ -119,12 +175,12 @@ def certify_local(model: nn.Module, x: Tensor, y: Tensor, *, loss: str = "cross-
         raise ChainError("x must be a batch tensor (m, ...)")
     if not bool(torch.isfinite(x).all()):
         raise ChainError("the input batch has NaN or infinite entries")
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ChainError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     m, R = int(x.shape[0]), float(radius)
     x = x.detach().double()
     mc = components_from_module(model, tuple(x.shape[1:]), m, weight_norms=True)
-    # one forward, with autograd's graph for the adjoints of Prop. 4; the recursion reads values
-    tracked = _forward_by_component(model, mc, x, track=True)
-    outs = [t.detach() for t in tracked]
+    leaves = _leaves64(mc)
     layers = build_layers(mc.components, mc.shapes, m, "tight", mc.names, mc.weight_norms, mc.norms_at_weights)
     chain = Chain(tuple(layers), input_norm=_norm(x), radius=R).around_weights()
 
@@ -135,6 +191,37 @@ def certify_local(model: nn.Module, x: Tensor, y: Tensor, *, loss: str = "cross-
             groups.append([i])
         elif comp.role == "nonlinear":
             groups[-1].append(i)
+    with torch.no_grad():
+        bounds, backward, z_star, delta, out_box = _sweep(chain, groups, mc, leaves, x, R)
+    loss_c = _local_loss_constants(loss, z_star, y, delta, m, out_box)
+    norms = tuple(layer.weight_norm or 0.0 for layer in chain.layers)
+    chunk = chunk_size if chunk_size is not None else _chunk_size(mc, m)
+    if any(isinstance(c, BatchNorm) for c in mc.components):
+        chunk = m  # batch statistics couple the examples
+    lam = _adjoint_norms(mc, leaves, x, y, loss, [g[-1] for g in groups], chunk)
+    term = _adjoint_term(lam, backward, loss_c, delta)
+    objective = objective_bounds(bounds, loss_c, l2=l2, epsilon=epsilon, gap=gap, weight_norms=norms,
+                                 loss_part=term)
+    return Certificate(chain, bounds, objective, "local", loss, m, type(model).__name__)
+
+
+def _sweep(chain: Chain, groups: list[list[int]], mc, leaves, x: Tensor, R: float):
+    """The forward recursion of docs/local.md over the RH layers, one sweep of the batch through
+    the components (only the current layer's tensors are held).  Returns the chain bounds, the
+    per-layer facts of Prop. 4, psi(w*), delta_tau and the logits' per-entry box."""
+    stream = enumerate(_component_outputs(mc, leaves, x))
+    # the tight recursion bounds the same quantities on the same C: each row is the smaller of
+    # the two, which keeps every later row sound (docs/local.md, "Combining")
+    tight_rows = chain_bounds(chain).layers
+    pos, latest = -1, x  # the last component the sweep has passed, and its output
+
+    def through(i: int) -> Tensor:  # the output of component i (the sweep never goes back)
+        nonlocal pos, latest
+        while pos < i:
+            pos, latest = next(stream)
+        assert pos == i, "the sweep asks for the components in order"
+        return latest
+
     z_star, delta = x, 0.0
     M_prev, l_prev, L_prev = _norm(x), 0.0, 0.0
     rows = []
@@ -142,14 +229,17 @@ def certify_local(model: nn.Module, x: Tensor, y: Tensor, *, loss: str = "cross-
     for index, (layer, group) in enumerate(zip(chain.layers, groups), start=1):
         b = layer.bilinear
         opens = mc.components[group[0]].role == "bilinear"
-        u_star = outs[group[0]] if opens else z_star
+        z_in = through(group[0] - 1) if group[0] > 0 else x  # what component group[0] reads
+        first = through(group[0])
+        u_star = first if opens else z_star
+        out = through(group[-1])
         # sup over the ball of ||beta(e_W, z) + beta^v(e_b)|| / ||e||: L_beta M + l_v, or the
         # spectral norm of the batch matrix [U(z*), 1] plus L_beta delta (docs/local.md, weight gain)
         gain = _mul(b.smoothness, M_prev) + b.weight_lipschitz
         if opens:
-            gain = min(gain, _batch_gain(mc, group[0], outs, x, delta, b))
+            gain = min(gain, _batch_gain(mc, group[0], z_in, delta, b))
         eps = (_mul(gain, R) + _mul(b.input_lipschitz, delta) if opens else delta)
-        v_inf, z_inf = _entry_gains(mc, group[0], outs, x, delta, R, b) if opens else (0.0, 1.0)
+        v_inf, z_inf = _entry_gains(mc, group[0], z_in, delta, R, b) if opens else (0.0, 1.0)
         # per entry, u_i - u*_i = <dW_i, slice> + db_i + <W*_i, d slice>: |.| <= R v_inf + z_inf delta
         # (docs/local.md, Prop. 1), often far below the batch-level eps
         box = min(eps, _mul(R, v_inf) + _mul(z_inf, delta)) if opens else eps
@@ -158,7 +248,7 @@ def certify_local(model: nn.Module, x: Tensor, y: Tensor, *, loss: str = "cross-
         for k, (ci, consts) in enumerate(zip(nonlinear, layer.nonlinear)):
             comp = mc.components[ci]
             if k == 0 and isinstance(comp, Elementwise):
-                lip, smooth = comp.sup_on(u_star - box, u_star + box)
+                lip, smooth = _sup_on_box(comp, u_star, box)
                 lip, smooth = min(lip, consts.lipschitz), min(smooth, consts.smoothness)
             else:
                 lip, smooth = consts.lipschitz, consts.smoothness
@@ -172,7 +262,9 @@ def certify_local(model: nn.Module, x: Tensor, y: Tensor, *, loss: str = "cross-
         s1, s_rest = (terms[0], sum(terms[1:])) if entrywise else (0.0, smooth_a)
         z_gain = _mul(b.smoothness, R) + b.input_lipschitz  # L_beta R + l'_z
         v_gain = gain  # <= L_beta M_{l-1} + l_v
-        z_star = outs[group[-1]]
+        z_star = out
+        u_norm = _norm(u_star)
+        del z_in, first, u_star  # the previous layer's tensors go before the next layer's come
         delta = _mul(lip_a, eps)
         lip = _mul(lip_a, math.hypot(v_gain, _mul(z_gain, l_prev)))
         smooth = _joint_smoothness(s1, s_rest, lip_a, v_gain, z_gain, min(v_inf, v_gain), min(z_inf, z_gain),
@@ -188,35 +280,27 @@ def certify_local(model: nn.Module, x: Tensor, y: Tensor, *, loss: str = "cross-
         else:
             j_dev, j_sup = _mul(smooth_a, move), lip_a
         backward.append((q, j_sup, j_dev))
-        M = _norm(z_star) + delta
-        rows.append(LayerBound(index, layer.name or f"layer{index}", M, lip, smooth, _norm(u_star) + eps,
-                               lip_a, smooth_a))
+        tight = tight_rows[index - 1]
+        M = min(_norm(z_star) + delta, tight.output_bound)
+        lip, smooth = min(lip, tight.lipschitz), min(smooth, tight.smoothness)
+        rows.append(LayerBound(index, layer.name or f"layer{index}", M, lip, smooth, u_norm + eps, lip_a, smooth_a))
         M_prev, l_prev, L_prev = M, lip, smooth
     bounds = ChainBounds(tuple(rows), M_prev, l_prev, L_prev, R, chain.input_norm, "weights")
     # every logit moves by at most `box` when the last layer ends with its bi-affine part
     out_box = box if opens and not nonlinear else math.inf
-    loss_c = _local_loss_constants(loss, outs[-1], y, delta, m, out_box)
-    norms = tuple(layer.weight_norm or 0.0 for layer in chain.layers)
-    term = _adjoint_term(tracked, x, y, loss, groups, backward, loss_c, delta)
-    objective = objective_bounds(bounds, loss_c, l2=l2, epsilon=epsilon, gap=gap, weight_norms=norms,
-                                 loss_part=term)
-    return Certificate(chain, bounds, objective, "local", loss, m, type(model).__name__)
+    return bounds, backward, through(len(mc.components) - 1), delta, out_box
 
 
-def _adjoint_term(outs, x, y, loss: str, groups, backward, loss_c: LossConstants, delta_out: float) -> float:
+def _adjoint_term(lam: list[float], backward, loss_c: LossConstants, delta_out: float) -> float:
     """A bound on sup_C sup_{||h|| = 1} D^2 (f o psi)[h, h] (docs/local.md, Prop. 4):
 
     D^2 (f o psi)[h, h] = D^2 f[z'_tau, z'_tau] + sum_l <lambda_l, Q_l(h)>, with lambda_l = df/dz_l
-    (the adjoint; at the weights by autograd, its move over C bounded backwards) and Q_l(h) the
-    layer's own second-order term.  With ||z'_l|| <= g_l^T |e| (|e| the vector of the layers'
-    ||e_l||) and |<lambda_l, Q_l(h)>| <= Lambda_l |e|^T M_l |e|, the bound is the largest eigenvalue
-    of sum_l Lambda_l M_l + L_f g_tau g_tau^T (non-negative entries).  ``outs``: the forward of
-    :func:`certify_local` with autograd's graph."""
-    ends = [outs[g[-1]] for g in groups]
-    f = loss_function(loss, y, x)
-    grads = torch.autograd.grad(f(outs[-1]), ends, allow_unused=True)
-    lam = [0.0 if g is None else _norm(g) for g in grads]
-    tau = len(groups)
+    (the adjoint; ``lam[l]`` >= ||lambda*_l|| at the weights, by autograd, its move over C
+    bounded backwards) and Q_l(h) the layer's own second-order term.  With ||z'_l|| <= g_l^T |e|
+    (|e| the vector of the layers' ||e_l||) and |<lambda_l, Q_l(h)>| <= Lambda_l |e|^T M_l |e|,
+    the bound is the largest eigenvalue of sum_l Lambda_l M_l + L_f g_tau g_tau^T (non-negative
+    entries)."""
+    tau = len(backward)
     # Lambda_l >= sup_C ||lambda_l||, backwards
     Lams = [0.0] * tau
     Lam, dev = loss_c.lipschitz, _mul(loss_c.smoothness, delta_out)
@@ -273,23 +357,21 @@ def _lin(alpha: float, A: Tensor, beta: float, B: Tensor) -> Tensor:
     return out
 
 
-def _batch_gain(mc, i: int, outs, x, delta_in: float, b) -> float:
+def _batch_gain(mc, i: int, z_in: Tensor, delta_in: float, b) -> float:
     """sup over the ball of the weight gain of bi-affine component i: ||[U(z*), 1]||_2 +
     L_beta delta (docs/local.md, weight gain); inf when the component does not say."""
     comp, leaf = mc.components[i], mc.leaves[mc.leaf_index[i]][1]
-    z_in = outs[i - 1] if i > 0 else x
     got = comp.batch_gain_at(z_in, getattr(leaf, "bias", None) is not None)
     if got is None:
         return math.inf
     return got + _mul(b.smoothness, delta_in)
 
 
-def _entry_gains(mc, i: int, outs, x, delta_in: float, R: float, b) -> tuple[float, float]:
+def _entry_gains(mc, i: int, z_in: Tensor, delta_in: float, R: float, b) -> tuple[float, float]:
     """Per-entry gains of bi-affine component i on C: every entry of D u[h] is at most
     v_inf ||e|| + z_inf ||D z_{l-1}[d]|| (docs/local.md, per-entry bounds); the 2-norm gains
     when the component does not say (:meth:`~smoothchain.components.Component.entry_norms_at`)."""
     comp, leaf = mc.components[i], mc.leaves[mc.leaf_index[i]][1]
-    z_in = outs[i - 1] if i > 0 else x
     weight = getattr(leaf, "weight", None)
     got = comp.entry_norms_at(weight, z_in) if weight is not None else None
     if got is None:

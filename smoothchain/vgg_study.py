@@ -23,7 +23,7 @@ from pathlib import Path
 from .certificate import certify
 from .report import atomic_write_text, fmt_number, new_figure, save_figure
 
-__all__ = ["StudyRow", "Claim", "VGGStudy", "run_vgg_study", "write_vgg_study"]
+__all__ = ["StudyRow", "Claim", "VGGStudy", "run_vgg_study", "local_vgg_rows", "write_vgg_study"]
 
 VARIANTS = (("vgg16", None), ("vgg16-smooth", None), ("vgg16-bn", 1e-2), ("vgg16-bn", 1e2))
 
@@ -100,6 +100,52 @@ def run_vgg_study(*, batch_size: int = 128, radius: float = 1.0, input_norm: flo
                     Claim(mode, f"eps={eps:g}: {sym}_VGG-smooth {sign} {sym}_VGG-bn", holds, f"{a:.3e} vs {b:.3e}")
                 )
     return VGGStudy(tuple(rows), tuple(claims), batch_size, radius, input_norm)
+
+
+#: the weights a local row is centred at: all zero (the balls of the study's other rows) or
+#: PyTorch's default initialisation
+LOCAL_CENTRES = ("zero", "init")
+
+
+def local_vgg_rows(*, batch_size: int = 128, radius: float = 1.0, input_norm: float = 1.0, seed: int = 0,
+                   centre: str = "zero", chunk_size: int | None = None) -> tuple[StudyRow, ...]:
+    """``vgg16-smooth`` certified on one batch around given weights: the ``local`` row
+    (docs/local.md) and, for ``centre="init"``, the ``tight`` row around the same weights.
+
+    The batch: ``batch_size`` standard normal 3 x 224 x 224 images scaled to ||x|| =
+    ``input_norm``, uniform labels (both drawn from ``seed``), cross-entropy loss.  ``centre``:
+    ``"zero"`` -- every weight 0, so the set is the study's own (balls of radius ``radius``
+    around 0, RH Prop. 4.4) and the rows compare on the same C; ``"init"`` -- PyTorch's default
+    initialisation drawn from ``seed`` (:func:`~smoothchain.certificate.seeded_module`), the
+    network one starts training from.  Needs torch and minutes of CPU (a forward and a backward
+    of the batch in float64, the Gram matrices of the convolutions' patches)."""
+    import torch
+
+    from .certificate import certify, seeded_module
+    from .local import certify_local
+
+    if centre not in LOCAL_CENTRES:
+        raise ValueError(f"centre must be one of {', '.join(LOCAL_CENTRES)}, got {centre!r}")
+    net = seeded_module("vgg16-smooth", seed=seed)
+    if centre == "zero":
+        with torch.no_grad():
+            for p in net.parameters():
+                p.zero_()
+    gen = torch.Generator().manual_seed(int(seed))
+    x = torch.randn(batch_size, 3, 224, 224, generator=gen, dtype=torch.float64)
+    x *= input_norm / float(x.norm())
+    y = torch.randint(0, 1000, (batch_size,), generator=gen)
+    label = f"vgg16-smooth @ {centre}"
+    rows = []
+    if centre == "init":
+        tight = certify(net, input_shape=(3, 224, 224), batch_size=batch_size, radius=radius,
+                        input_norm=input_norm, mode="tight", around_weights=True)
+        rows.append(StudyRow(label, None, "tight", tight.bounds.output_bound, tight.bounds.lipschitz,
+                             tight.bounds.smoothness, tight.objective.smoothness))
+    cert = certify_local(net, x, y, radius=radius, chunk_size=chunk_size)
+    rows.append(StudyRow(label, None, "local", cert.bounds.output_bound, cert.bounds.lipschitz,
+                         cert.bounds.smoothness, cert.objective.smoothness))
+    return tuple(rows)
 
 
 def _fmt(x: float) -> str:

@@ -5,6 +5,7 @@ weights is also certified locally, on the same batch the measurements use)."""
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 
@@ -13,7 +14,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from torch import nn  # noqa: E402
 
-from smoothchain import ChainError  # noqa: E402
+from smoothchain import ChainError, components  # noqa: E402
 from smoothchain.components import ChannelAffine, Conv2d, Linear, ReLU, Sigmoid, Softplus, Tanh  # noqa: E402
 from smoothchain.local import _joint_smoothness, certify_local  # noqa: E402
 from smoothchain.losses import loss_function  # noqa: E402
@@ -109,6 +110,40 @@ def test_local_certificate_is_sharper_and_checked():
     assert res.violations == ()
 
 
+def test_entry_norms_of_a_dilated_conv_by_unfold():
+    """The patch norms (a convolution of the squares) equal those of the unfolded patches, with
+    dilation and in chunks of one example."""
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(3, 2, 9, 8, generator=g, dtype=DT)
+    W = torch.randn(4, 2, 3, 2, generator=g, dtype=DT)
+    conv = Conv2d(2, 4, (3, 2), (2, 1), (1, 0), (2, 3))
+    patches = torch.nn.functional.unfold(z, (3, 2), (2, 3), (1, 0), (2, 1))
+    best = float(patches.norm(dim=1).max())
+    for chunk in (components.PATCH_CHUNK_ENTRIES, 1):
+        with mock.patch.object(components, "PATCH_CHUNK_ENTRIES", chunk):
+            assert conv.entry_norms_at(W, z)[0] == pytest.approx(best, rel=1e-8)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_chunked_adjoints_and_patches_change_no_bound(bias):
+    """A certificate computed one example at a time (adjoints and patch matrices) equals the
+    one-pass certificate: the chunking is bookkeeping, not a bound."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1, bias=bias), nn.Tanh(), nn.AvgPool2d(2), nn.Flatten(),
+                        nn.Linear(12, 5, bias=bias), nn.Sigmoid(), nn.Linear(5, 3)).double()
+    x = torch.randn(5, 1, 4, 4, dtype=DT)
+    y = torch.tensor([0, 1, 2, 1, 0])
+    whole = certify_local(net, x, y, radius=0.2)
+    with mock.patch.object(components, "PATCH_CHUNK_ENTRIES", 1):
+        parts = certify_local(net, x, y, radius=0.2, chunk_size=1)
+    assert parts.objective.smoothness == pytest.approx(whole.objective.smoothness, rel=1e-10)
+    for a, b in zip(parts.bounds.layers, whole.bounds.layers):
+        assert (a.output_bound, a.lipschitz, a.smoothness) == pytest.approx(
+            (b.output_bound, b.lipschitz, b.smoothness), rel=1e-10)
+    with pytest.raises(ChainError, match="chunk_size"):
+        certify_local(net, x, y, chunk_size=0)
+
+
 def test_local_certificate_errors():
     net = nn.Sequential(nn.Linear(2, 2))
     with pytest.raises(ChainError, match="radius"):
@@ -121,10 +156,11 @@ def test_local_certificate_errors():
 
 @settings(max_examples=25, deadline=None)
 @given(kind=st.sampled_from(["linear", "conv"]), bias=st.booleans(), m=st.integers(1, 4), seed=st.integers(0, 10_000),
-       stride=st.integers(1, 2), padding=st.integers(0, 1))
-def test_batch_gain_is_the_norm_of_the_weight_map(kind, bias, m, seed, stride, padding):
+       stride=st.integers(1, 2), padding=st.integers(0, 1), chunked=st.booleans())
+def test_batch_gain_is_the_norm_of_the_weight_map(kind, bias, m, seed, stride, padding, chunked):
     """||e -> beta(e, z) + beta^v(e)|| built densely (the Jacobian of the layer in its weights,
-    by autograd) equals Component.batch_gain_at up to its margin (docs/local.md, weight gain)."""
+    by autograd) equals Component.batch_gain_at up to its margin (docs/local.md, weight gain);
+    ``chunked``: the convolution's patch matrix summed one example at a time (large batches)."""
     torch.manual_seed(seed)
     if kind == "linear":
         layer, z = nn.Linear(5, 3, bias=bias).double(), torch.randn(m, 2, 5, dtype=DT)
@@ -142,7 +178,8 @@ def test_batch_gain_is_the_norm_of_the_weight_map(kind, bias, m, seed, stride, p
     jac = torch.func.jacrev(out, argnums=tuple(range(len(params))))(*params)
     J = torch.cat([j.reshape(j.shape[0], -1) for j in jac], 1)
     exact = float(torch.linalg.matrix_norm(J, 2))
-    got = comp.batch_gain_at(z, bias)
+    with mock.patch.object(components, "PATCH_CHUNK_ENTRIES", 1 if chunked else components.PATCH_CHUNK_ENTRIES):
+        got = comp.batch_gain_at(z, bias)
     assert exact <= got <= exact * (1 + 1e-7) + 1e-9
 
 
