@@ -66,10 +66,18 @@ def _leaves64(mc) -> list:
     return leaves
 
 
-def _component_outputs(mc, leaves, x: Tensor) -> Iterator[Tensor]:
+def _component_outputs(mc, leaves, x: Tensor, chunk: int | None = None) -> Iterator[Tensor]:
     """The batch after each component in turn (the i-th value is the output of component i).  A
     generator, so that a sweep holds only the tensors it still needs; the caller sets the grad
-    mode (a ``with`` inside a generator would leak into its consumer)."""
+    mode (a ``with`` inside a generator would leak into its consumer).  ``chunk``: each leaf
+    runs on that many examples at a time (float64 convolutions on the CPU unfold their whole
+    input: 30 GB for VGG-16's conv1_2 at m = 128); only for modules without batch norm."""
+
+    def run(leaf, h: Tensor) -> Tensor:
+        if chunk is None or chunk >= h.shape[0]:
+            return leaf(h)
+        return torch.cat([leaf(part) for part in h.split(chunk)])
+
     h = x
     for i, comp in enumerate(mc.components):
         name, leaf = leaves[mc.leaf_index[i]]
@@ -78,12 +86,12 @@ def _component_outputs(mc, leaves, x: Tensor) -> Iterator[Tensor]:
         if first:
             leaf_input = h
         if first and last:
-            h = leaf(h)
+            h = run(leaf, h)
         elif isinstance(comp, BatchNorm):  # the normalisation of a BatchNorm leaf, before its affine part
             dims = [0] if comp.over == "entry" else [0, *range(2, h.dim())]
             h = batch_normalize(h, dims, comp.eps)
         elif last:
-            h = leaf(leaf_input)
+            h = run(leaf, leaf_input)
         else:
             raise ChainError(f"module {name!r} gives several components; local certificates "
                              f"support only batch norm among those")
@@ -191,13 +199,13 @@ def certify_local(model: nn.Module, x: Tensor, y: Tensor, *, loss: str = "cross-
             groups.append([i])
         elif comp.role == "nonlinear":
             groups[-1].append(i)
-    with torch.no_grad():
-        bounds, backward, z_star, delta, out_box = _sweep(chain, groups, mc, leaves, x, R)
-    loss_c = _local_loss_constants(loss, z_star, y, delta, m, out_box)
-    norms = tuple(layer.weight_norm or 0.0 for layer in chain.layers)
     chunk = chunk_size if chunk_size is not None else _chunk_size(mc, m)
     if any(isinstance(c, BatchNorm) for c in mc.components):
         chunk = m  # batch statistics couple the examples
+    with torch.no_grad():
+        bounds, backward, z_star, delta, out_box = _sweep(chain, groups, mc, leaves, x, R, chunk)
+    loss_c = _local_loss_constants(loss, z_star, y, delta, m, out_box)
+    norms = tuple(layer.weight_norm or 0.0 for layer in chain.layers)
     lam = _adjoint_norms(mc, leaves, x, y, loss, [g[-1] for g in groups], chunk)
     term = _adjoint_term(lam, backward, loss_c, delta)
     objective = objective_bounds(bounds, loss_c, l2=l2, epsilon=epsilon, gap=gap, weight_norms=norms,
@@ -205,11 +213,11 @@ def certify_local(model: nn.Module, x: Tensor, y: Tensor, *, loss: str = "cross-
     return Certificate(chain, bounds, objective, "local", loss, m, type(model).__name__)
 
 
-def _sweep(chain: Chain, groups: list[list[int]], mc, leaves, x: Tensor, R: float):
+def _sweep(chain: Chain, groups: list[list[int]], mc, leaves, x: Tensor, R: float, chunk: int):
     """The forward recursion of docs/local.md over the RH layers, one sweep of the batch through
     the components (only the current layer's tensors are held).  Returns the chain bounds, the
     per-layer facts of Prop. 4, psi(w*), delta_tau and the logits' per-entry box."""
-    stream = enumerate(_component_outputs(mc, leaves, x))
+    stream = enumerate(_component_outputs(mc, leaves, x, chunk))
     # the tight recursion bounds the same quantities on the same C: each row is the smaller of
     # the two, which keeps every later row sound (docs/local.md, "Combining")
     tight_rows = chain_bounds(chain).layers

@@ -68,8 +68,14 @@ def _log10_ratio(a: float, b: float) -> float:
     return abs(math.log10(a / b))
 
 
-def run_vgg_study(*, batch_size: int = 128, radius: float = 1.0, input_norm: float = 1.0) -> VGGStudy:
-    """Certify the four VGG variants in both modes and evaluate RH Sec. 5's claims."""
+def run_vgg_study(*, batch_size: int = 128, radius: float = 1.0, input_norm: float = 1.0,
+                  local: tuple[str, ...] = (), seed: int = 0) -> VGGStudy:
+    """Certify the four VGG variants in both modes and evaluate RH Sec. 5's claims; with
+    ``local`` (centres among :data:`LOCAL_CENTRES`), also the rows of :func:`local_vgg_rows`
+    for each centre (minutes of CPU each; the claims stay those of paper and tight)."""
+    for centre in local:
+        if centre not in LOCAL_CENTRES:
+            raise ValueError(f"local centres are {', '.join(LOCAL_CENTRES)}, got {centre!r}")
     rows: list[StudyRow] = []
     claims: list[Claim] = []
     for mode in ("paper", "tight"):
@@ -99,6 +105,9 @@ def run_vgg_study(*, batch_size: int = 128, radius: float = 1.0, input_norm: flo
                 claims.append(
                     Claim(mode, f"eps={eps:g}: {sym}_VGG-smooth {sign} {sym}_VGG-bn", holds, f"{a:.3e} vs {b:.3e}")
                 )
+    for centre in local:
+        rows.extend(local_vgg_rows(batch_size=batch_size, radius=radius, input_norm=input_norm, seed=seed,
+                                   centre=centre))
     return VGGStudy(tuple(rows), tuple(claims), batch_size, radius, input_norm)
 
 
@@ -178,6 +187,13 @@ def study_markdown(study: VGGStudy, png_name: str | None = None) -> str:
         "Batch normalisation caps every layer's output (m_batch) and scales by at most 2 eps^-1/2 (paper) "
         "or eps^-1/2 (tight): with eps = 1e2 this shrinks the bounds, with eps = 1e-2 it inflates them.",
     ]
+    if any(r.mode == "local" for r in study.rows):
+        lines += [
+            "",
+            "`local` rows (docs/local.md) certify one batch (standard normal images scaled to ||x||, seed 0) "
+            "on balls around given weights: `@ zero` -- every weight 0, the same balls as the rows above; "
+            "`@ init` -- PyTorch's default initialisation, next to the `tight` bound around the same weights.",
+        ]
     if png_name:
         lines += ["", f"![certified constants, log scale]({png_name})"]
     return "\n".join(lines) + "\n"
@@ -187,32 +203,33 @@ def plot_vgg_study(study: VGGStudy, path: Path) -> None:
     """Log-scale grouped bar chart of l and L per variant and mode (infinite bars hatched at the top)."""
     from matplotlib.patches import Patch
 
-    modes = ("paper", "tight")
-    fig = new_figure(figsize=(12, 4.5))
+    labels = list(dict.fromkeys(r.label for r in study.rows))
+    modes = list(dict.fromkeys(r.mode for r in study.rows))
+    fig = new_figure(figsize=(12 + 1.5 * (len(labels) > 4), 4.8))
     axes = fig.subplots(1, 2)
     for ax, attr, title in zip(axes, ("lipschitz", "smoothness"), ("Lipschitz constant l", "Smoothness L")):
-        labels = [r.label for r in study.rows if r.mode == "paper"]
         finite = [getattr(r, attr) for r in study.rows if not math.isinf(getattr(r, attr))]
         top = max(finite) * 100 if finite else 10.0
-        width = 0.38
+        width = 0.8 / len(modes)
         for k, mode in enumerate(modes):
-            vals = [getattr(r, attr) for r in study.rows if r.mode == mode]
-            xs = [i + (k - 0.5) * width for i in range(len(vals))]
-            heights = [top if math.isinf(v) else v for v in vals]
+            found = [(labels.index(r.label), getattr(r, attr)) for r in study.rows if r.mode == mode]
+            xs = [i + (k - (len(modes) - 1) / 2) * width for i, _ in found]
+            heights = [top if math.isinf(v) else v for _, v in found]
             bars = ax.bar(xs, heights, width, color=f"C{k}", log=True)
-            for bar, v in zip(bars, vals):
+            for bar, (_, v) in zip(bars, found):
                 if math.isinf(v):
                     bar.set_hatch("//")
                     ax.annotate("inf", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
         ax.set_xticks(range(len(labels)))
-        ax.set_xticklabels(labels, rotation=15, fontsize=8)
+        ax.set_xticklabels(labels, rotation=20, fontsize=8, ha="right")
         ax.set_title(f"{title} (m={study.batch_size}, R={study.radius:g})")
         ax.set_yscale("log")
         ax.grid(axis="y", alpha=0.3)
-        handles = [Patch(color=f"C{k}", label=f"{mode} constants") for k, mode in enumerate(modes)]
-        handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="infinite (not C^1)"))
-        ax.legend(handles=handles, fontsize=8)
-    fig.tight_layout()
+    handles = [Patch(color=f"C{k}", label=f"{mode} constants") for k, mode in enumerate(modes)]
+    handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="infinite (not C^1)"))
+    fig.suptitle("VGG-16 variants: certified constants (RH Sec. 5)")
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
     save_figure(fig, path, dpi=120)
 
 

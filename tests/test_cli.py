@@ -166,6 +166,33 @@ def test_vgg_study_writes_report_and_claims_hold(tmp_path, capsys):
     assert "| vgg16-bn (eps=0.01) | paper |" in md and "vgg_study.png" in md
 
 
+def test_vgg_study_local_rows_join_the_report(tmp_path, capsys, monkeypatch):
+    """`--local zero,init` adds local_vgg_rows' rows (stubbed here: the certificate itself is
+    tests/test_local.py's and benchmarks/vgg_local.py's) to the table, the JSON and the chart;
+    the claims stay those of paper and tight."""
+    from smoothchain import vgg_study
+
+    calls = []
+
+    def rows(*, batch_size, radius, input_norm, seed, centre):
+        calls.append((batch_size, radius, input_norm, centre))
+        mode_rows = [("tight", 9e26)] if centre == "init" else []
+        return tuple(vgg_study.StudyRow(f"vgg16-smooth @ {centre}", None, mode, 1.0, 2.0, value, value)
+                     for mode, value in mode_rows + [("local", 3e16)])
+
+    monkeypatch.setattr(vgg_study, "local_vgg_rows", rows)
+    doc = run_json(capsys, "vgg-study", "--out", str(tmp_path), "--local", "zero,init", "--batch-size", "4", "--json")
+    assert calls == [(4, 1.0, 1.0, "zero"), (4, 1.0, 1.0, "init")]
+    assert [r["mode"] for r in doc["rows"]][-3:] == ["local", "tight", "local"] and len(doc["claims"]) == 10
+    md = Path(doc["files"]["markdown"]).read_text()
+    assert "| vgg16-smooth @ zero | local |" in md and "| vgg16-smooth @ init | tight |" in md
+    assert Path(doc["files"]["png"]).read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit) as exc:
+        main(["vgg-study", "--out", str(tmp_path), "--local", "origin"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "zero, init" in err and "origin" in err
+
+
 def test_python_dash_m_entry_point():
     out = subprocess.run(
         [sys.executable, "-m", "smoothchain", "certify", "--model", "mlp", "--json"],

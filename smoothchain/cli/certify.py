@@ -75,9 +75,23 @@ def register(sub) -> None:
     v.add_argument("--batch-size", type=_pos_int, default=128, metavar="M")
     v.add_argument("--radius", type=_nonneg_float, default=1.0, metavar="R")
     v.add_argument("--input-norm", type=_nonneg_float, default=1.0, metavar="X")
+    v.add_argument("--local", type=_local_centres, default=(), metavar="CENTRES",
+                   help="also certify vgg16-smooth locally on one batch around these weights, comma-separated: "
+                        "'zero' (the same balls as the other rows), 'init' (PyTorch's initialisation); "
+                        "needs torch, about 15 minutes of CPU each at m=128")
     v.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
     v.add_argument("--json", action="store_true")
     v.set_defaults(handler=_cmd_vgg_study)
+
+
+def _local_centres(text: str) -> tuple[str, ...]:
+    from ..vgg_study import LOCAL_CENTRES
+
+    centres = tuple(c.strip() for c in text.split(",") if c.strip())
+    bad = [c for c in centres if c not in LOCAL_CENTRES]
+    if bad or not centres:
+        raise argparse.ArgumentTypeError(f"choose among {', '.join(LOCAL_CENTRES)} (comma-separated), got {text!r}")
+    return centres
 
 
 def _fmt(x) -> str:
@@ -170,7 +184,8 @@ def format_check(result) -> str:
 def _cmd_vgg_study(args) -> int:
     from ..vgg_study import run_vgg_study, study_to_dict, write_vgg_study
 
-    study = run_vgg_study(batch_size=args.batch_size, radius=args.radius, input_norm=args.input_norm)
+    study = run_vgg_study(batch_size=args.batch_size, radius=args.radius, input_norm=args.input_norm,
+                          local=args.local)
     files = write_vgg_study(study, args.out, plot=not args.no_plot)
     emit(args.json, {**study_to_dict(study), "files": files}, lambda: Path(files["markdown"]).read_text())
     if not args.json:
