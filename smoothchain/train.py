@@ -52,7 +52,7 @@ from .losses import squared_error
 from .report import atomic_write_with, fmt_number, new_figure, save_figure
 from .spec import json_number
 
-__all__ = ["TrainConfig", "train", "build_model", "make_optimizer", "evaluate",
+__all__ = ["TrainConfig", "train", "check_out", "config_differences", "build_model", "make_optimizer", "evaluate",
            "OPTIMIZERS", "LAYERWISE", "plot_metrics", "load_data", "Progress"]
 
 OPTIMIZERS = ("dsgd", "dsgd-all", "random", "sequential", "sgd-norm", "sgd", "gd",
@@ -90,6 +90,7 @@ class TrainConfig:
     rescale_data: bool = False  # DSGD: divide inputs by max |x| if F Assumption 4.1 (ii) fails
     radius: float = 0.1  # certified-gd: R of the ball around the weights (RH Cor. 4.5)
     certify: str = CERTIFY_MODES[0]  # certified-gd: CertifiedGD's mode
+    overwrite: bool = False  # replace the run OUT holds (else such an OUT is an error unless resume)
 
     def resolved_lr(self) -> float:
         return float(DEFAULT_LR[self.optimizer] if self.lr is None else self.lr)
@@ -333,17 +334,65 @@ def _setup(cfg: TrainConfig, ctx, d: _Data, dtype: torch.dtype) -> _Run:
     return run
 
 
+#: options a resumed run may change: they alter neither the model nor the optimizer's path
+RESUME_MAY_CHANGE = ("steps", "out", "resume", "overwrite", "checkpoint_every", "eval_every", "plots",
+                     "distributed")
+#: the files that mark a directory as holding a run
+RUN_FILES = ("checkpoint.pt", "checkpoint.pt.prev", "metrics.jsonl", "summary.json")
+
+
+class CheckpointWarning(UserWarning):
+    """The latest checkpoint was unusable and the run resumed from the previous one."""
+
+
+def config_differences(stored: dict, cfg: TrainConfig) -> list[str]:
+    """The options of ``cfg`` that differ from a checkpoint's configuration ``stored`` and would
+    change the model or the optimizer, as ``--option old -> new`` (``lr`` compared as resolved:
+    the default of its optimizer when not given)."""
+    diffs = []
+    for key, new in asdict(cfg).items():
+        if key in RESUME_MAY_CHANGE:
+            continue
+        old = stored.get(key, "(not stored)")
+        if key == "lr":
+            old = DEFAULT_LR.get(stored.get("optimizer"), old) if old is None else old
+            new = cfg.resolved_lr()
+        if old != new:
+            diffs.append(f"--{key.replace('_', '-')} {fmt_number(old, 'g') if isinstance(old, float) else old}"
+                         f" -> {fmt_number(new, 'g') if isinstance(new, float) else new}")
+    return diffs
+
+
 def _load_checkpoint(run: _Run) -> None:
-    """Restore ``run`` from OUT/checkpoint.pt: weights, then the optimizer through its
-    ``load_state_dict`` (for DSGD also its weight-norm bounds and "random" generator), the batch
-    generator, the step, the metrics and the layer counts."""
+    """Restore ``run`` from OUT/checkpoint.pt (or the previous checkpoint when the latest is
+    unusable, with a :class:`CheckpointWarning`; :mod:`smoothchain.checkpoint`): weights, then
+    the optimizer through its ``load_state_dict`` (for DSGD also its weight-norm bounds and
+    "random" generator), the batch generator, the step, the metrics and the layer counts.  A
+    configuration that differs in an option that changes the model or the optimizer is an error
+    listing every such option."""
+    import warnings
+
+    from .checkpoint import CheckpointError, checkpoint_files, load_checkpoint
+
     path, cfg = run.ckpt_path, run.cfg
-    if not path or not path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    ck = torch.load(path, weights_only=False)
-    if ck["config"]["optimizer"] != cfg.optimizer or ck["config"]["q"] != cfg.q:
-        raise ValueError(f"--resume: checkpoint {path} is for optimizer "
-                         f"{ck['config']['optimizer']} q={ck['config']['q']}")
+    if not any(p.exists() for p in checkpoint_files(path)[:2]) and run.metrics_path.exists():
+        warnings.warn(f"--resume: {run.out} has no checkpoint yet (the run stopped before its first one): "
+                      f"starting again from step 0", CheckpointWarning, stacklevel=2)
+        return
+    try:
+        ck, used, warning = load_checkpoint(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"--resume: {exc}; run without --resume to start afresh (--overwrite replaces "
+                              f"what --out holds)") from None
+    diffs = config_differences(ck["config"], cfg)
+    if diffs:
+        raise ValueError(f"--resume: {used} was written with other options: {'; '.join(diffs)}; give the "
+                         f"checkpoint's options, or --overwrite to start a new run")
+    if ck["step"] > cfg.steps:
+        raise ValueError(f"--resume: {used} is at step {ck['step']}, beyond --steps {cfg.steps}; give --steps "
+                         f">= {ck['step']}")
+    if warning:
+        warnings.warn(warning, CheckpointWarning, stacklevel=2)
     run.model.load_state_dict(ck["model"])
     run.opt.load_state_dict(ck["optimizer"])
     run.gen.set_state(ck["rng"]["batch"])
@@ -351,13 +400,57 @@ def _load_checkpoint(run: _Run) -> None:
 
 
 def _save_checkpoint(run: _Run, step: int) -> None:
-    """OUT/checkpoint.pt (rank 0 only), written atomically."""
+    """OUT/checkpoint.pt (rank 0 only), the previous one kept as checkpoint.pt.prev until the
+    new one is complete (:func:`smoothchain.checkpoint.save_checkpoint`)."""
+    from .checkpoint import save_checkpoint
+
     if not (run.out and run.is_main):
         return
     ck = {"config": asdict(run.cfg), "model": run.model.state_dict(),
           "optimizer": run.opt.state_dict(), "rng": {"batch": run.gen.get_state()},
           "step": step, "metrics": run.metrics, "counts": run.counts}
-    atomic_write_with(run.ckpt_path, lambda tmp: torch.save(ck, tmp), fixed_tmp=True)
+    save_checkpoint(run.ckpt_path, ck)
+
+
+def check_out(cfg: TrainConfig) -> None:
+    """Validate ``cfg.out`` before any work: a directory (created with its parents if missing)
+    that can be written to, and that holds no run unless ``resume`` (continue it) or
+    ``overwrite`` (its run files are removed).  ``ValueError`` naming the path and the fix;
+    nothing is written then."""
+    if not cfg.out:
+        return
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory: give a directory (created if missing)")
+    held = [name for name in RUN_FILES if (out / name).exists()] if out.is_dir() else []
+    if held and cfg.resume and cfg.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the run in --out, or replace it")
+    if held and not (cfg.resume or cfg.overwrite):
+        raise ValueError(f"--out {out} holds a run ({', '.join(held)}): --resume continues it, --overwrite "
+                         f"replaces it, or choose another directory")
+    if not out.exists():
+        if cfg.resume:
+            raise ValueError(f"--resume: no checkpoint in {out} (the directory does not exist)")
+        missing = [p for p in (out, *out.parents) if not p.exists()]
+        top = missing[-1]
+        if not top.parent.is_dir():
+            raise ValueError(f"--out {out}: cannot create it ({top.parent} is not a directory); choose another "
+                             f"directory")
+        if not os.access(top.parent, os.W_OK | os.X_OK):
+            raise ValueError(f"--out {out}: cannot create it ({top.parent} is not writable); choose another "
+                             f"directory")
+    elif not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out} is not writable: choose a directory you can write to")
+
+
+def _clear_run(out: Path) -> None:
+    """--overwrite: remove the files of the run ``out`` held (so that no stale checkpoint can be
+    resumed later)."""
+    from .checkpoint import checkpoint_files
+
+    for path in (*checkpoint_files(out / "checkpoint.pt"), out / "metrics.jsonl", out / "summary.json"):
+        if path.exists():
+            path.unlink()
 
 
 def _batch(run: _Run, d: _Data) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -452,9 +545,12 @@ def _finish(run: _Run, d: _Data, final_step: int) -> dict:
 def _train(cfg: TrainConfig, *, data, progress: bool, stop_after: int | None, ctx,
            metrics_out: dict | None) -> dict:
     _check_config(cfg)
+    check_out(cfg)
     dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
     d = _training_data(cfg, data, dtype)
     run = _setup(cfg, ctx, d, dtype)
+    if cfg.overwrite and run.out and run.is_main:
+        _clear_run(run.out)
     if cfg.resume:
         _load_checkpoint(run)
     if run.is_main and run.metrics_path:  # the checkpoint's metrics (none for a fresh run)

@@ -29,6 +29,7 @@ from hypothesis import strategies as st  # noqa: E402
 from torch import nn  # noqa: E402
 
 from smoothchain import certify  # noqa: E402
+from smoothchain.checkpoint import read_checkpoint  # noqa: E402
 from smoothchain.check import layer_blocks  # noqa: E402
 from smoothchain.losses import loss_function, squared_error  # noqa: E402
 from smoothchain.optim import CertifiedGD, CertifiedStep  # noqa: E402
@@ -424,8 +425,8 @@ def test_train_certified_gd_library_and_resume(tmp_path, digits):
     full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
     part = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["loss"] for line in part] == [json.loads(line)["loss"] for line in full]
-    ck_full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
-    ck_part = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)
+    ck_full = read_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    ck_part = read_checkpoint(tmp_path / "part" / "checkpoint.pt")
     for k, v in ck_full["model"].items():
         assert torch.equal(v, ck_part["model"][k])
     with pytest.raises(ValueError, match="radius"):

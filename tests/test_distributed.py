@@ -22,6 +22,7 @@ torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
 
 from smoothchain.train import TrainConfig, load_data, train  # noqa: E402
+from smoothchain.checkpoint import read_checkpoint  # noqa: E402
 
 ARGS = ["--optimizer", "dsgd", "--q", "2", "--data", "digits", "--limit", "60", "--hidden", "8",
         "--steps", "6", "--batch-size", "16", "--dtype", "float64", "--eval-every", "3",
@@ -60,8 +61,8 @@ def test_two_process_torchrun_matches_single_process(tmp_path):
     cfg = TrainConfig(optimizer="dsgd", q=2.0, hidden=8, steps=6, batch_size=16, dtype="float64",
                       eval_every=3, plots=False, seed=5, out=str(tmp_path / "one"))
     train(cfg, data=load_data("digits", limit=60, dtype=torch.float64), progress=False)
-    one = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)
-    two = torch.load(out2 / "checkpoint.pt", weights_only=False)
+    one = read_checkpoint(tmp_path / "one" / "checkpoint.pt")
+    two = read_checkpoint(out2 / "checkpoint.pt")
     for k in one["model"]:
         torch.testing.assert_close(two["model"][k], one["model"][k], rtol=0, atol=1e-6)
     assert [m["layers"] for m in two["metrics"]] == [m["layers"] for m in one["metrics"]]

@@ -22,6 +22,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from smoothchain import cli  # noqa: E402
+from smoothchain.checkpoint import read_checkpoint  # noqa: E402
 from smoothchain.train import TrainConfig, build_model, load_data, train  # noqa: E402
 
 LONG = os.environ.get("SMOOTHCHAIN_DSGD_LONG", "") not in ("", "0")
@@ -48,14 +49,14 @@ def test_killed_run_resumes_without_losing_metrics(tmp_path, digits, optimizer, 
     assert train(part, data=digits, progress=False, stop_after=10) == {"stopped_at": 10}
     killed = _lines(tmp_path / "part" / "metrics.jsonl")
     assert [r["step"] for r in killed] == list(range(1, 11))  # written through step 10
-    ck = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)
+    ck = read_checkpoint(tmp_path / "part" / "checkpoint.pt")
     assert ck["step"] == 8  # last checkpoint before the kill
     train(TrainConfig(out=str(tmp_path / "part"), resume=True, **common), data=digits, progress=False)
     a, b = _lines(tmp_path / "full" / "metrics.jsonl"), _lines(tmp_path / "part" / "metrics.jsonl")
     assert [r["step"] for r in b] == list(range(1, 15))
     assert a == b
-    ma = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["model"]
-    mb = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)["model"]
+    ma = read_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
+    mb = read_checkpoint(tmp_path / "part" / "checkpoint.pt")["model"]
     for k in ma:
         assert torch.equal(ma[k], mb[k])
     assert not list((tmp_path / "part").glob("*.tmp"))
@@ -63,22 +64,21 @@ def test_killed_run_resumes_without_losing_metrics(tmp_path, digits, optimizer, 
 
 KILLER = """
 import os, signal, sys
-import torch
-from smoothchain import cli
+from smoothchain import checkpoint, cli
 
-real_save, calls = torch.save, [0]
+real_write, calls = checkpoint._write, [0]
 
 
-def save(obj, f, *args, **kwargs):  # SIGKILL half-way through writing the 3rd checkpoint
+def write(tmp, header, data):  # SIGKILL half-way through writing the 3rd checkpoint
     calls[0] += 1
     if calls[0] == 3:
-        with open(f, "wb") as fh:
+        with open(tmp, "wb") as fh:
             fh.write(b"partial checkpoint")
         os.kill(os.getpid(), signal.SIGKILL)
-    return real_save(obj, f, *args, **kwargs)
+    return real_write(tmp, header, data)
 
 
-torch.save = save
+checkpoint._write = write
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -101,15 +101,15 @@ def test_sigkilled_cli_run_resumes_exactly(tmp_path, capsys):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert [r["step"] for r in _lines(killed / "metrics.jsonl")] == list(range(1, 13))
-    assert torch.load(killed / "checkpoint.pt", weights_only=False)["step"] == 8
+    assert read_checkpoint(killed / "checkpoint.pt")["step"] == 8
     assert (killed / "checkpoint.pt.tmp").read_bytes() == b"partial checkpoint"
     assert cli.main([*args, "--out", str(killed), "--resume"]) == 0
     assert cli.main([*args, "--out", str(ref)]) == 0
     capsys.readouterr()
     a, b = _lines(ref / "metrics.jsonl"), _lines(killed / "metrics.jsonl")
     assert [r["step"] for r in b] == list(range(1, 15)) and a == b
-    ma = torch.load(ref / "checkpoint.pt", weights_only=False)["model"]
-    mb = torch.load(killed / "checkpoint.pt", weights_only=False)["model"]
+    ma = read_checkpoint(ref / "checkpoint.pt")["model"]
+    mb = read_checkpoint(killed / "checkpoint.pt")["model"]
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
     assert not list(killed.glob("*.tmp"))
 
@@ -200,7 +200,7 @@ def test_training_leaves_the_global_rng_alone(tmp_path, digits, optimizer, batch
     train(TrainConfig(out=str(tmp_path / "part"), **common), data=digits, progress=False,
           stop_after=5)
     assert torch.equal(torch.get_rng_state(), state)
-    ck = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)
+    ck = read_checkpoint(tmp_path / "part" / "checkpoint.pt")
     assert set(ck["rng"]) == {"batch"}  # the optimizer's own state travels in ck["optimizer"]
     torch.manual_seed(12345)
     train(TrainConfig(out=str(tmp_path / "part"), resume=True, **common), data=digits, progress=False)

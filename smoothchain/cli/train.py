@@ -49,7 +49,10 @@ def register(sub) -> None:
                         "segment (docs/segment.md); 'local', 'tight', 'paper' certify L_F on the ball of "
                         "radius R around the weights (docs/local.md, RH Cor. 4.5)")
     t.add_argument("--out", default=None, help="directory for metrics.jsonl, checkpoint.pt, PNGs")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (the options must "
+                   "match the checkpoint's, except --steps, --eval-every, --checkpoint-every, --no-plots)")
+    t.add_argument("--overwrite", action="store_true", help="replace the run OUT holds (without it, or "
+                   "--resume, an OUT holding a run is an error)")
     t.add_argument("--checkpoint-every", type=int, default=50)
     t.add_argument("--eval-every", type=int, default=10)
     t.add_argument("--seed", type=int, default=0)
@@ -110,7 +113,7 @@ def _cmd_train(args) -> int:
                       eval_every=args.eval_every, limit=args.limit, dtype=args.dtype,
                       distributed=args.distributed or in_torchrun(), plots=not args.no_plots,
                       rescale_data=args.rescale_data, radius=args.radius,
-                      certify=args.certify)
+                      certify=args.certify, overwrite=args.overwrite)
     ctx = None
     try:
         if cfg.distributed:
