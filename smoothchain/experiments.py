@@ -42,8 +42,8 @@ def dsgd_experiment(data: str = "digits", *, out: str | Path = "dsgd-experiment"
     from .train import TrainConfig, plot_metrics, train
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     ds = load_dataset(data, limit=limit)
+    out.mkdir(parents=True, exist_ok=True)  # after the data: a data error leaves nothing behind
     tune_train, tune_val = validation_split(ds, 1 / 6, seed=seed)
     # validation examples play the role of the test set while tuning
     tune_ds = replace(tune_train, x_test=tune_val.x_train, y_test=tune_val.y_train,

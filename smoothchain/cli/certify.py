@@ -17,7 +17,7 @@ from pathlib import Path
 from ..models import BUILTIN_MODELS
 from ..objective import LOSSES, MODES
 from ..report import fmt_number
-from .common import CLIError, emit, format_table, load_model, load_module
+from .common import CLIError, check_output_dir, check_output_file, emit, format_table, load_model, load_module
 from .options import integer, real
 
 __all__ = ["register", "add_model_options", "format_certificate", "format_check"]
@@ -127,6 +127,8 @@ def _cmd_certify(args) -> int:
         raise CLIError("--constants local certifies one batch around the weights: run `smoothchain check "
                        "--constants local --around-weights` (on its batch), or smoothchain.local.certify_local / "
                        "smoothchain.optim.CertifiedGD(mode='local') from Python")
+    if args.save_spec:
+        check_output_file(args.save_spec, "--save-spec")
     cert = certify_source(
         load_module(args.module) if args.module else args.model, spec=args.spec, name=args.module, seed=args.seed,
         input_shape=args.input_shape, batch_size=args.batch_size, radius=args.radius, input_norm=args.input_norm,
@@ -149,6 +151,8 @@ def _cmd_check(args) -> int:
 
     if args.spec:
         raise CLIError("check needs a network to evaluate: use --model or --module, not --spec")
+    if args.plot:
+        check_output_file(args.plot, "--plot")
     model, _, shape = load_model(args.model, args.module, input_shape=args.input_shape, seed=args.seed,
                                  bn_eps=args.bn_eps, shape_example="3,32,32 or 784")
     result = check(
@@ -184,6 +188,7 @@ def format_check(result) -> str:
 def _cmd_vgg_study(args) -> int:
     from ..vgg_study import run_vgg_study, study_to_dict, write_vgg_study
 
+    check_output_dir(args.out, "--out")
     study = run_vgg_study(batch_size=args.batch_size, radius=args.radius, input_norm=args.input_norm,
                           local=args.local)
     files = write_vgg_study(study, args.out, plot=not args.no_plot)

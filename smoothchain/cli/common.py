@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 __all__ = ["CLIError", "OPTIONAL_DEPENDENCIES", "optional_dependency_message", "load_module", "load_model",
-           "LoadedModel", "errors_as_cli", "format_table", "emit"]
+           "LoadedModel", "errors_as_cli", "format_table", "emit", "check_output_file", "check_output_dir"]
 
 
 class CLIError(Exception):
@@ -24,6 +25,47 @@ class CLIError(Exception):
 #: top-level modules of the "data" extra (pyproject.toml): a command that needs a missing one
 #: fails with a one-line error naming it
 OPTIONAL_DEPENDENCIES = ("sklearn", "scipy", "mnist1d")
+
+
+def _creatable(path: Path, option: str) -> None:
+    """``path`` (missing) can be made: its nearest existing ancestor is a writable directory."""
+    top = path
+    while not top.parent.exists() and top.parent != top:
+        top = top.parent
+    if not top.parent.is_dir():
+        raise CLIError(f"{option} {path}: cannot create it ({top.parent} is not a directory)")
+    if not os.access(top.parent, os.W_OK | os.X_OK):
+        raise CLIError(f"{option} {path}: cannot create it ({top.parent} is not writable)")
+
+
+def check_output_file(path: str | os.PathLike, option: str) -> Path:
+    """Validate an output file before any work (``option`` names it in the error): not a
+    directory, and writable or creatable with its parent folders; the parents are created."""
+    path = Path(path)
+    if path.is_dir():
+        raise CLIError(f"{option} {path} is a directory: give a file name")
+    if path.exists():
+        if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK | os.X_OK):
+            raise CLIError(f"{option} {path} is not writable")
+    else:
+        _creatable(path, option)
+        if not path.parent.exists():
+            path.parent.mkdir(parents=True)
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, option: str) -> Path:
+    """Validate an output directory before any work: not a file, writable or creatable (the
+    command creates it when it writes)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"{option} {path} is a file, not a directory: give a directory (created if missing)")
+    if path.exists():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise CLIError(f"{option} {path} is not writable")
+    else:
+        _creatable(path, option)
+    return path
 
 
 def optional_dependency_message(err: ModuleNotFoundError) -> str | None:

@@ -31,8 +31,15 @@ __all__ = ["main", "build_parser"]
 SUBCOMMANDS = (certify, analysis, train, oracles)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line (the usage is one ``--help`` away), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="smoothchain",
         description="Smoothness certificates for chains of layers (Roulet & Harchaoui).",
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from .common import CLIError, emit, errors_as_cli
+from .common import CLIError, check_output_dir, emit, errors_as_cli
 from .options import layer_norm, real
 
 __all__ = ["register"]
@@ -143,6 +143,7 @@ def _cmd_experiment(args) -> int:
 
         if args.points < 2 or not args.eps_max > 0:
             raise CLIError("--points must be >= 2 and --eps-max > 0")
+        check_output_dir(args.out or "prop21", "--out")
         res = prop21(args.out or "prop21", eps_max=args.eps_max, points=args.points)
         last = res["rows"][-1]
         return emit(args.json, res, f"eps={last['eps']:g}: ||H||={last['hessian_norm']:.4g}, blocks "
@@ -159,6 +160,7 @@ def _cmd_experiment(args) -> int:
     for name in ("batch_steps", "minibatch_steps", "tune_steps", "batch_size", "hidden", "eval_every"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1")
+    check_output_dir(args.out or "dsgd-experiment", "--out")
     with errors_as_cli(DatasetNotFoundError, ValueError):
         res = dsgd_experiment(args.data, out=args.out or "dsgd-experiment", hidden=args.hidden,
                               batch_steps=args.batch_steps, minibatch_steps=args.minibatch_steps,
