@@ -45,6 +45,19 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[str], Any], *, 
     return path
 
 
+def uncreatable(path: str | os.PathLike) -> str | None:
+    """Why the missing ``path`` (a file or a folder) cannot be created, or None: its nearest
+    existing ancestor must be a directory one can write to."""
+    top = Path(path)
+    while not top.parent.exists() and top.parent != top:
+        top = top.parent
+    if not top.parent.is_dir():
+        return f"{top.parent} is not a directory"
+    if not os.access(top.parent, os.W_OK | os.X_OK):
+        return f"{top.parent} is not writable"
+    return None
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_write_with`)."""
 

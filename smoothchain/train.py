@@ -49,7 +49,7 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from .losses import squared_error
-from .report import atomic_write_with, fmt_number, new_figure, save_figure
+from .report import atomic_write_with, fmt_number, new_figure, save_figure, uncreatable
 from .spec import json_number
 
 __all__ = ["TrainConfig", "train", "check_out", "config_differences", "build_model", "make_optimizer", "evaluate",
@@ -431,14 +431,9 @@ def check_out(cfg: TrainConfig) -> None:
     if not out.exists():
         if cfg.resume:
             raise ValueError(f"--resume: no checkpoint in {out} (the directory does not exist)")
-        missing = [p for p in (out, *out.parents) if not p.exists()]
-        top = missing[-1]
-        if not top.parent.is_dir():
-            raise ValueError(f"--out {out}: cannot create it ({top.parent} is not a directory); choose another "
-                             f"directory")
-        if not os.access(top.parent, os.W_OK | os.X_OK):
-            raise ValueError(f"--out {out}: cannot create it ({top.parent} is not writable); choose another "
-                             f"directory")
+        reason = uncreatable(out)
+        if reason:
+            raise ValueError(f"--out {out}: cannot create it ({reason}); choose another directory")
     elif not os.access(out, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out} is not writable: choose a directory you can write to")
 

@@ -28,14 +28,11 @@ OPTIONAL_DEPENDENCIES = ("sklearn", "scipy", "mnist1d")
 
 
 def _creatable(path: Path, option: str) -> None:
-    """``path`` (missing) can be made: its nearest existing ancestor is a writable directory."""
-    top = path
-    while not top.parent.exists() and top.parent != top:
-        top = top.parent
-    if not top.parent.is_dir():
-        raise CLIError(f"{option} {path}: cannot create it ({top.parent} is not a directory)")
-    if not os.access(top.parent, os.W_OK | os.X_OK):
-        raise CLIError(f"{option} {path}: cannot create it ({top.parent} is not writable)")
+    from ..report import uncreatable
+
+    reason = uncreatable(path)
+    if reason:
+        raise CLIError(f"{option} {path}: cannot create it ({reason})")
 
 
 def check_output_file(path: str | os.PathLike, option: str) -> Path:
