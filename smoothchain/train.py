@@ -21,8 +21,9 @@ squared Euclidean error against one-hot targets, no 1/2) with one of
 (layers updated, 1-based, for layer-wise optimizers), ``counts`` (cumulative updates per layer);
 evaluation steps add ``train_loss``, ``train_error``, ``test_accuracy``.  Checkpoints
 (``OUT/checkpoint.pt``: model, optimizer ``state_dict`` -- DSGD's includes its "random"
-generator --, the mini-batch generator's state, step, the metrics so far) are written
-atomically (temporary file + ``os.replace``) every ``checkpoint_every`` steps and at the end;
+generator --, the mini-batch generator's state, step, the metrics so far, the options) are
+written every ``checkpoint_every`` steps and at the end in :mod:`smoothchain.checkpoint`'s
+format (checksum, ``weights_only`` loading, the previous one kept as ``checkpoint.pt.prev``);
 ``resume=True`` restarts from it and first rewrites ``metrics.jsonl`` from the checkpoint's
 metrics, so a run killed at any moment continues with no metric lost or duplicated.  The end of
 a run writes ``training_error.png``, ``test_accuracy.png`` and ``layer_updates.png``
@@ -40,6 +41,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,6 +183,30 @@ def evaluate(model: nn.Module, x: torch.Tensor, z: torch.Tensor, labels: torch.T
     out = model(x)
     acc = float((out.argmax(dim=1) == labels).to(torch.float64).mean())
     return {"loss": float(squared_error(out, z)), "error": 1.0 - acc, "accuracy": acc}
+
+
+#: a sigmoid unit within this of 0 or 1 is saturated (its derivative is below 1e-6)
+SATURATION_EPS = 1e-6
+#: a run whose sigmoid units are saturated in at least this fraction is flagged as diverged
+SATURATED_FRACTION = 0.99
+
+
+def saturated_fraction(model: nn.Module, x: torch.Tensor) -> float:
+    """The fraction of the sigmoid units' outputs on ``x`` (all layers, all examples) within
+    :data:`SATURATION_EPS` of 0 or 1: where gradient steps no longer move anything."""
+    hits, total = 0, 0
+    h = x
+    with torch.no_grad():
+        for layer in model:
+            h = layer(h)
+            if isinstance(layer, nn.Sigmoid):
+                hits += int(((h < SATURATION_EPS) | (h > 1 - SATURATION_EPS)).sum())
+                total += h.numel()
+    return hits / total if total else 0.0
+
+
+class TrainingWarning(UserWarning):
+    """A run that ended without training: diverged, saturated, or with nothing to do."""
 
 
 class Progress:
@@ -370,8 +396,6 @@ def _load_checkpoint(run: _Run) -> None:
     "random" generator), the batch generator, the step, the metrics and the layer counts.  A
     configuration that differs in an option that changes the model or the optimizer is an error
     listing every such option."""
-    import warnings
-
     from .checkpoint import CheckpointError, checkpoint_files, load_checkpoint
 
     path, cfg = run.ckpt_path, run.cfg
@@ -516,10 +540,21 @@ def _record(run: _Run, d: _Data, t: int, loss: float) -> dict:
     return rec
 
 
-def _finish(run: _Run, d: _Data, final_step: int) -> dict:
+def _finish(run: _Run, d: _Data, final_step: int, *, write: bool = True) -> dict:
     """The run's summary; rank 0 with an OUT directory also writes the figures and summary.json."""
     cfg, metrics, out = run.cfg, run.metrics, run.out
     evals = [m for m in metrics if "train_error" in m]
+    divergence = None
+    if metrics and not math.isfinite(metrics[-1]["loss"]):
+        divergence = "non-finite loss"
+    elif metrics:
+        frac = saturated_fraction(run.model, d.x_tr)
+        if frac >= SATURATED_FRACTION:
+            divergence = f"saturated ({100 * frac:.1f}% of the sigmoid units within {SATURATION_EPS:g} of 0 or 1)"
+    if divergence and run.is_main:
+        hint = "" if cfg.optimizer in ("certified-gd",) else "; a smaller --lr may train"
+        warnings.warn(f"the run diverged at step {metrics[-1]['step']}: {divergence}{hint}", TrainingWarning,
+                      stacklevel=3)
     summary = {
         "optimizer": cfg.optimizer, "q": json_number(cfg.q), "lr": run.lr,
         "data": getattr(d.ds, "name", cfg.data),
@@ -527,11 +562,12 @@ def _finish(run: _Run, d: _Data, final_step: int) -> dict:
         "world_size": run.ctx.world_size,
         **({"radius": cfg.radius, "certify": cfg.certify} if cfg.optimizer == "certified-gd" else {}),
         "final": evals[-1] if evals else None, "counts": run.counts,
-        "diverged": bool(metrics and not math.isfinite(metrics[-1]["loss"])),
+        "diverged": divergence is not None, "divergence": divergence,
+        **({"full_batch": True} if cfg.optimizer == "sgd" and not cfg.batch_size else {}),
         "out": str(out) if out else None, "figures": [],
     }
-    if out and run.is_main:
-        if cfg.plots:
+    if out and run.is_main and write:
+        if cfg.plots and metrics:  # no empty figures for a run without steps
             summary["figures"] = plot_metrics({cfg.optimizer: metrics}, out, layerwise=cfg.optimizer in LAYERWISE)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -548,10 +584,19 @@ def _train(cfg: TrainConfig, *, data, progress: bool, stop_after: int | None, ct
         _clear_run(run.out)
     if cfg.resume:
         _load_checkpoint(run)
-    if run.is_main and run.metrics_path:  # the checkpoint's metrics (none for a fresh run)
-        _rewrite_metrics(run.metrics_path, run.metrics)
     if metrics_out is not None:
         metrics_out["metrics"] = run.metrics
+    if cfg.steps == 0 or (cfg.resume and run.start >= cfg.steps):
+        what = ("--steps 0: nothing to train" if cfg.steps == 0 else
+                f"the run in {run.out} already finished at step {run.start}: give --steps > {run.start} to continue")
+        if run.is_main:
+            warnings.warn(what, TrainingWarning, stacklevel=3)
+        return _finish(run, d, run.start, write=False)
+    if run.is_main and run.metrics_path:  # the checkpoint's metrics (none for a fresh run)
+        _rewrite_metrics(run.metrics_path, run.metrics)
+    if cfg.optimizer == "sgd" and not cfg.batch_size and run.is_main:
+        warnings.warn("sgd with --batch-size 0 takes full-batch steps (the same as gd); give --batch-size for "
+                      "mini-batches", TrainingWarning, stacklevel=3)
     fh = open(run.metrics_path, "a") if (run.metrics_path and run.is_main) else None
     label = f"{cfg.optimizer} q={fmt_number(cfg.q, '')}" if cfg.optimizer in LAYERWISE else cfg.optimizer
     bar = Progress(cfg.steps, label, enabled=progress and run.is_main)

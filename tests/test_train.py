@@ -261,3 +261,29 @@ def test_cli_bad_input(tmp_path, capsys):
     assert "checkpoint" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["train", "--q", "3"])
+
+
+def test_saturated_and_no_op_runs_are_said(tmp_path, capsys):
+    """A step size that saturates every sigmoid is a divergence (one warning line, diverged:
+    true); --steps 0 and a finished run resumed write no figure and say so; full-batch sgd says
+    it is gd; a sane run is not flagged."""
+    base = ["train", "--optimizer", "sgd", "--data", "digits", "--limit", "100", "--hidden", "8", "--json"]
+    assert cli.main([*base, "--lr", "1e30", "--steps", "5", "--out", str(tmp_path / "big")]) == 0
+    cap = capsys.readouterr()
+    summary = json.loads(cap.out)
+    assert summary["diverged"] and summary["divergence"].startswith("saturated") and summary["full_batch"]
+    warns = [l for l in cap.err.splitlines() if l.startswith("smoothchain: warning:")]
+    assert any("saturated" in w and "--lr" in w for w in warns) and any("full-batch" in w for w in warns)
+    assert cli.main([*base, "--lr", "0.5", "--steps", "30", "--batch-size", "16", "--out", str(tmp_path / "ok")]) == 0
+    cap = capsys.readouterr()
+    assert not json.loads(cap.out)["diverged"] and "warning" not in cap.err
+    assert cli.main([*base, "--steps", "0", "--out", str(tmp_path / "zero")]) == 0
+    assert "nothing to train" in capsys.readouterr().err
+    assert not list((tmp_path / "zero").glob("*.png"))
+    before = sorted(p.name for p in (tmp_path / "ok").iterdir())
+    stamp = (tmp_path / "ok" / "summary.json").stat().st_mtime_ns
+    assert cli.main([*base, "--lr", "0.5", "--steps", "30", "--batch-size", "16", "--out", str(tmp_path / "ok"),
+                     "--resume"]) == 0
+    assert "already finished at step 30" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "ok").iterdir()) == before
+    assert (tmp_path / "ok" / "summary.json").stat().st_mtime_ns == stamp
