@@ -78,7 +78,7 @@ def register(sub) -> None:
     v.add_argument("--local", type=_local_centres, default=(), metavar="CENTRES",
                    help="also certify vgg16-smooth locally on one batch around these weights, comma-separated: "
                         "'zero' (the same balls as the other rows), 'init' (PyTorch's initialisation); "
-                        "needs torch, about 15 minutes of CPU each at m=128")
+                        "needs torch, about 25 minutes and 12 GB each at m=128 on 2 cores")
     v.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
     v.add_argument("--json", action="store_true")
     v.set_defaults(handler=_cmd_vgg_study)
