@@ -1,5 +1,6 @@
-"""The README as a user meets it (issue 16, item 2): every Python snippet runs as written, in a
-fresh namespace; no link of the README or docs/ points outside the project or to a missing file."""
+"""The README and docs as a user meets them (issue 16, item 2): every Python snippet runs as
+written, in a fresh namespace (docs blocks that load files not in the project start with
+``# needs the files on disk``); no link points outside the project or to a missing file."""
 
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ def _python_blocks(path: Path) -> list[tuple[int, str]]:
 
 
 README_BLOCKS = _python_blocks(ROOT / "README.md")
+#: a block whose first line is this comment shows loaders of files that are not in the project
+NEEDS_FILES = "# needs the files on disk"
+DOC_BLOCKS = [(f"{p.relative_to(ROOT)}:{start}", code) for p in DOCS[1:] for start, code in _python_blocks(p)
+              if not code.startswith(NEEDS_FILES)]
 
 
 def test_the_readme_has_snippets():
@@ -37,6 +42,13 @@ def test_readme_snippet_runs_as_written(start, code, tmp_path, monkeypatch, caps
     pytest.importorskip("torch")
     monkeypatch.chdir(tmp_path)
     exec(compile(code, f"README.md:{start}", "exec"), {"__name__": "__readme__"})
+
+
+@pytest.mark.parametrize("where, code", DOC_BLOCKS, ids=[w for w, _ in DOC_BLOCKS])
+def test_docs_snippet_runs_as_written(where, code, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("torch")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, where, "exec"), {"__name__": "__docs__"})
 
 
 LINK = re.compile(r"\]\(([^)\s]+)\)")
