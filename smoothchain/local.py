@@ -98,11 +98,13 @@ def _component_outputs(mc, leaves, x: Tensor, chunk: int | None = None) -> Itera
         yield h
 
 
-def _chunk_size(mc, m: int) -> int:
-    """Examples per chunk of the tracked pass: the whole batch when a component couples the
-    examples (batch norm) or when it fits in :data:`CHUNK_BYTES`."""
+def _chunk_size(mc, m: int, requested: int | None) -> int:
+    """Examples per chunk: the whole batch when a component couples the examples (batch norm),
+    else ``requested`` or as many as fit in :data:`CHUNK_BYTES`."""
     if any(isinstance(c, BatchNorm) for c in mc.components):
         return m
+    if requested is not None:
+        return requested
     # autograd keeps about each component's output and its input: 16 bytes per float64 entry
     per_example = 16 * sum(math.prod(shape) for shape in mc.shapes)
     return max(1, min(m, CHUNK_BYTES // max(1, per_example)))
@@ -118,10 +120,10 @@ def _adjoint_norms(mc, leaves, x: Tensor, y: Tensor, loss: str, ends: list[int],
     for xc, yc in zip(x.split(chunk), y.split(chunk)):
         with torch.enable_grad():
             xc = xc.detach().requires_grad_(True)  # every output is then in the graph
-            outs, kept = None, []
+            outs, kept, wanted = None, [], set(ends)
             for i, out in enumerate(_component_outputs(mc, leaves, xc)):
                 outs = out
-                if i in ends:
+                if i in wanted:
                     kept.append(out)
             value = loss_function(loss, yc, xc)(outs) * (xc.shape[0] / m)
             grads = torch.autograd.grad(value, kept, allow_unused=True)
@@ -199,9 +201,7 @@ def certify_local(model: nn.Module, x: Tensor, y: Tensor, *, loss: str = "cross-
             groups.append([i])
         elif comp.role == "nonlinear":
             groups[-1].append(i)
-    chunk = chunk_size if chunk_size is not None else _chunk_size(mc, m)
-    if any(isinstance(c, BatchNorm) for c in mc.components):
-        chunk = m  # batch statistics couple the examples
+    chunk = _chunk_size(mc, m, chunk_size)
     with torch.no_grad():
         bounds, backward, z_star, delta, out_box = _sweep(chain, groups, mc, leaves, x, R, chunk)
     loss_c = _local_loss_constants(loss, z_star, y, delta, m, out_box)
