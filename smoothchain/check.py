@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import torch
@@ -53,6 +55,13 @@ class LayerCheck:
     name: str
     certified: dict[str, float]
     estimated: dict[str, float | None]
+    kind: str = ""  # the type of the module that ends the layer, e.g. "Conv2d"
+
+    @property
+    def label(self) -> str:
+        """``name``, with the module type where the name is only an index (``3.0 Conv2d``)."""
+        bare = self.name.replace(".", "").isdigit()
+        return f"{self.name} {self.kind}" if bare and self.kind else self.name
 
     def ratios(self) -> dict[str, float | None]:
         out: dict[str, float | None] = {}
@@ -64,25 +73,31 @@ class LayerCheck:
 
 @dataclass(frozen=True)
 class CheckResult:
+    """The certificate, the estimates found on C (None where the budget ran out first), violations."""
+
     certificate: Certificate
     certified: dict[str, float]
-    estimated: dict[str, float]
+    estimated: dict[str, float | None]
     layers: tuple[LayerCheck, ...]
     violations: tuple[dict[str, Any], ...]
     tolerance: float
     points: int
     ascent_steps: int
     where: dict[str, str] = field(default_factory=dict)
+    budget: float | None = None
+    elapsed: float = 0.0
+    stopped: str | None = None  # why the search stopped early (the budget), None when complete
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "certified": {k: json_number(v) for k, v in self.certified.items()},
-            "estimated": {k: json_number(v) for k, v in self.estimated.items()},
+            "estimated": {k: (None if v is None else json_number(v)) for k, v in self.estimated.items()},
             "violations": list(self.violations),
             "layers": [
                 {
                     "index": r.index,
                     "name": r.name,
+                    "kind": r.kind,
                     "certified": {k: json_number(v) for k, v in r.certified.items()},
                     "estimated": {k: (None if v is None else json_number(v)) for k, v in r.estimated.items()},
                     "ratio": {k: (None if v is None else json_number(v)) for k, v in r.ratios().items()},
@@ -90,8 +105,10 @@ class CheckResult:
                 for r in self.layers
             ],
             "where": dict(self.where),
+            "elapsed_s": self.elapsed,
+            "stopped": self.stopped,
             "settings": {"tolerance": self.tolerance, "points": self.points, "ascent_steps": self.ascent_steps,
-                         **self.certificate.to_dict()["settings"]},
+                         "budget_s": self.budget, **self.certificate.to_dict()["settings"]},
         }
 
 
@@ -155,12 +172,19 @@ def _random_point(centre: Tensor, blocks: Sequence[slice], radius: float, gen: t
     return w
 
 
-def _ascent(value_fn: Callable[[Tensor], Tensor], w: Tensor, centre: Tensor, blocks, radius: float, steps: int) -> Tensor:
-    """Projected gradient ascent on a scalar, block-normalised steps of radius/4, halved on failure."""
+def _ascent(value_fn: Callable[[Tensor], Tensor], w: Tensor, centre: Tensor, blocks, radius: float, steps: int,
+            deadline: float | None = None) -> Tensor:
+    """Projected gradient ascent on a scalar, block-normalised steps of radius/4, halved on failure.
+
+    Stops early at ``deadline`` (a ``time.monotonic()`` value): every iterate lies in C, so an
+    estimate at the point reached is still a lower bound of the supremum.
+    """
     step = radius / 4
     g_fn = grad(value_fn)
     cur = float(value_fn(w))
     for _ in range(steps):
+        if deadline is not None and time.monotonic() >= deadline:
+            break
         g = g_fn(w)
         d = torch.zeros_like(w)
         for b in blocks:
@@ -178,41 +202,103 @@ def _ascent(value_fn: Callable[[Tensor], Tensor], w: Tensor, centre: Tensor, blo
     return w
 
 
-def _estimate_chain(psi, points: Sequence[Tensor], centre, blocks, radius, ascent_steps, iters, seed):
-    """Max over points (and ascent) of ||psi||, ||grad psi||, ||grad^2 psi|| and where found."""
-    best = {k: (0.0, "") for k in QUANTITIES}
-    for i, w in enumerate(points):
-        cands = [(w, f"point {i}")]
-        if ascent_steps:
-            cands.append((_ascent(lambda u: psi(u).pow(2).sum(), w, centre, blocks, radius, ascent_steps), f"ascent from point {i}"))
-        for wk, label in cands:
-            m = output_norm(psi, wk).value
-            if m > best["output_bound"][0]:
-                best["output_bound"] = (m, label)
-        # Lipschitz: power iteration, then ascent on ||J(w) v|| along the top right vector v
-        est = jacobian_norm(psi, w, iters=iters, seed=seed + i)
-        cands = [(w, est.value, f"point {i}")]
-        if ascent_steps and est.vectors:
-            v = est.vectors[0]
-            wa = _ascent(lambda u: jvp(psi, (u,), (v,))[1].pow(2).sum(), w, centre, blocks, radius, ascent_steps)
-            cands.append((wa, jacobian_norm(psi, wa, iters=iters, seed=seed + i).value, f"ascent from point {i}"))
-        for _wk, val, label in cands:
-            if val > best["lipschitz"][0]:
-                best["lipschitz"] = (val, label)
-        est = second_derivative_norm(psi, w, iters=iters, seed=seed + i, restarts=2)
-        cands = [(est.value, f"point {i}")]
-        if ascent_steps and len(est.vectors) == 3:
-            u, v, z = est.vectors
+@dataclass(frozen=True)
+class _Search:
+    """What every estimate at a point shares: the set C, the ascent and iteration budgets."""
 
-            def t_uvz(x, u=u, v=v, z=z):
-                return jvp(lambda y: jvp(psi, (y,), (v,))[1], (x,), (u,))[1].dot(z)
+    centre: Tensor
+    blocks: Sequence[slice]
+    radius: float
+    ascent_steps: int
+    iters: int
+    seed: int
+    deadline: float | None
 
-            wa = _ascent(t_uvz, w, centre, blocks, radius, max(1, ascent_steps // 2))
-            cands.append((second_derivative_norm(psi, wa, iters=iters, seed=seed + i, restarts=2).value, f"ascent from point {i}"))
-        for val, label in cands:
-            if val > best["smoothness"][0]:
-                best["smoothness"] = (val, label)
-    return best
+    def ascent(self, value_fn, w: Tensor, steps: int | None = None) -> Tensor:
+        return _ascent(value_fn, w, self.centre, self.blocks, self.radius,
+                       self.ascent_steps if steps is None else steps, self.deadline)
+
+
+def _chain_at_point(psi, i: int, w: Tensor, s: _Search) -> dict[str, tuple[float, str]]:
+    """||psi||, ||grad psi||, ||grad^2 psi|| at point ``i`` of C and after ascent from it, and where."""
+    out: dict[str, tuple[float, str]] = {}
+    here, there = f"point {i}", f"ascent from point {i}"
+    cands = [(output_norm(psi, w).value, here)]
+    if s.ascent_steps:
+        cands.append((output_norm(psi, s.ascent(lambda u: psi(u).pow(2).sum(), w)).value, there))
+    out["output_bound"] = max(cands, key=lambda c: c[0])
+    # Lipschitz: power iteration, then ascent on ||J(w) v|| along the top right vector v
+    est = jacobian_norm(psi, w, iters=s.iters, seed=s.seed + i)
+    cands = [(est.value, here)]
+    if s.ascent_steps and est.vectors:
+        v = est.vectors[0]
+        wa = s.ascent(lambda u: jvp(psi, (u,), (v,))[1].pow(2).sum(), w)
+        cands.append((jacobian_norm(psi, wa, iters=s.iters, seed=s.seed + i).value, there))
+    out["lipschitz"] = max(cands, key=lambda c: c[0])
+    est = second_derivative_norm(psi, w, iters=s.iters, seed=s.seed + i, restarts=2)
+    cands = [(est.value, here)]
+    if s.ascent_steps and len(est.vectors) == 3:
+        u, v, z = est.vectors
+
+        def t_uvz(x, u=u, v=v, z=z):
+            return jvp(lambda y: jvp(psi, (y,), (v,))[1], (x,), (u,))[1].dot(z)
+
+        wa = s.ascent(t_uvz, w, max(1, s.ascent_steps // 2))
+        cands.append((second_derivative_norm(psi, wa, iters=s.iters, seed=s.seed + i, restarts=2).value, there))
+    out["smoothness"] = max(cands, key=lambda c: c[0])
+    return out
+
+
+def _objective_at_point(F, i: int, w: Tensor, s: _Search) -> dict[str, tuple[float, str]]:
+    """The top |Hessian eigenvalue| of F at point ``i`` of C and after ascent from it, and where."""
+    est = hessian_top_eig(F, w, method="lanczos", iters=s.iters, seed=s.seed + i)
+    cands = [(est.value, f"point {i}")]
+    if s.ascent_steps and est.vectors:
+        # ascent on the curvature along the top eigenvector, v^T grad^2 F(w) v (its sign makes it
+        # increase |v^T H v|), then a fresh Lanczos where it ends
+        (v,) = est.vectors
+        sign = 1.0 if float(v.dot(jvp(grad(F), (w,), (v,))[1])) >= 0 else -1.0
+
+        def curvature(u, v=v, sign=sign):
+            return sign * jvp(grad(F), (u,), (v,))[1].dot(v)
+
+        wa = s.ascent(curvature, w, max(1, s.ascent_steps // 2))
+        cands.append((hessian_top_eig(F, wa, method="lanczos", iters=s.iters, seed=s.seed + i).value,
+                      f"ascent from point {i}"))
+    return {"objective_smoothness": max(cands, key=lambda c: c[0])}
+
+
+class _Clock:
+    """Elapsed time and an estimate of the time left for ``units`` = points x targets of work.
+
+    A unit's cost is its target's mean measured time; a target not yet measured (the first
+    point) costs the largest measured so far, so the first estimates err on the long side.
+    """
+
+    def __init__(self, points: int, targets: int, start: float):
+        self.start = start
+        self.points, self.targets = points, targets
+        self.spent: dict[int, list[float]] = {}
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def record(self, target: int, seconds: float) -> None:
+        self.spent.setdefault(target, []).append(seconds)
+
+    def left(self, point: int, target: int) -> float | None:
+        """Seconds left before unit (``point``, ``target``) starts, both 0-based; None before any."""
+        means = {t: sum(v) / len(v) for t, v in self.spent.items()}
+        if not means:
+            return None
+        default = max(means.values())  # pessimistic for targets not yet timed (the first point)
+        per_point = sum(means.get(t, default) for t in range(self.targets))
+        this_point = sum(means.get(t, default) for t in range(target, self.targets))
+        return this_point + (self.points - point - 1) * per_point
+
+
+def _seconds(x: float) -> str:
+    return f"{x:.0f} s" if x >= 10 else f"{x:.1f} s"
 
 
 def check(
@@ -224,7 +310,7 @@ def check(
     target_norm: float = 1.0,
     # the search for estimates
     points: int = 3, ascent_steps: int = 8, iters: int = 60, tolerance: float = 1e-6, seed: int = 0,
-    per_layer: bool = True, progress: Callable[[str], None] | None = None,
+    per_layer: bool = True, budget: float | None = None, progress: Callable[[str], None] | None = None,
 ) -> CheckResult:
     """Certify ``model`` and compare with estimates at ``points`` random points of C plus ascent.
 
@@ -232,12 +318,22 @@ def check(
     labels are random classes (cross-entropy) or random targets of norm ``target_norm``
     (square).  Estimates use float64.  ``tolerance`` is relative: a violation is an estimate
     above ``certified * (1 + tolerance)``.
+
+    The search goes point by point; at each point it estimates the objective's smoothness, the
+    whole chain, then every prefix.  ``budget`` (seconds) stops it when spent -- between two
+    estimates, or inside an ascent -- and the result holds what was found (``stopped`` says
+    where; a quantity never reached is None).  Fewer estimates are still lower bounds, so the
+    comparison stays sound.  ``progress`` receives one line per estimate with the time elapsed
+    and an estimate of the time left.
     """
     say = progress or (lambda s: None)
+    started = time.monotonic()
     if loss not in ESTIMATOR_LOSSES:
         raise ChainError(f"check supports the losses {', '.join(ESTIMATOR_LOSSES)}, got {loss!r}")
     if points < 1:
         raise ChainError(f"--points must be >= 1, got {points}")
+    if budget is not None and not budget > 0:
+        raise ChainError(f"--budget must be a positive number of seconds, got {budget}")
     if mode == "local" and not around_weights:
         raise ChainError("local constants are certified around the weights: add --around-weights")
     if mode != "local":
@@ -259,44 +355,78 @@ def check(
 
         cert = certify_local(model, x, y, loss=loss, radius=radius, l2=l2)
 
+    # what is estimated at every point: the objective, the whole chain, then each prefix psi_l
+    # that ends at a module boundary (a layer ending inside a module, e.g. batch norm before its
+    # affine part, has no module prefix and stays unestimated)
     leaves = leaf_modules(model)
-    rows: list[LayerCheck] = []
-    where: dict[str, str] = {}
-    full_est = None
-    for li, row in enumerate(cert.bounds.layers):
-        is_last = li == len(cert.bounds.layers) - 1
-        end = ends[li]
-        certified = {k: getattr(row, k) for k in QUANTITIES}
-        if not (per_layer or is_last) or end < 0:
-            rows.append(LayerCheck(row.index, row.name, certified, {k: None for k in QUANTITIES}))
-            continue
-        say(f"check: layer {row.index}/{len(cert.bounds.layers)} ({row.name})")
-        prefix = model if is_last else nn.Sequential(*[m for _, m in leaves[:end]])
-        psi_full, _ = functional_chain(prefix, x)
-        if prefix is not model:
-            # the prefix's own parameters are the first entries of the flat vector
-            n = sum(p.numel() for p in prefix.parameters())
-
-            def psi(w, f=psi_full, n=n):
-                return f(w[:n])
-        else:
-            psi = psi_full
-        best = _estimate_chain(psi, pts, centre, blocks, radius, ascent_steps, iters, seed)
-        rows.append(LayerCheck(row.index, row.name, certified, {k: best[k][0] for k in QUANTITIES}))
-        if is_last:
-            full_est = best
-            where.update({k: best[k][1] for k in QUANTITIES})
-
-    say("check: objective smoothness")
+    n_rows = len(cert.bounds.layers)
     F = objective(model, x, y, loss=loss, l2=l2)
-    obj_best, where["objective_smoothness"] = _objective_estimate(F, pts, centre, blocks, radius, ascent_steps,
-                                                                   iters, seed)
+    targets: list[tuple[str, int | None, Callable]] = [("objective smoothness", None, partial(_objective_at_point, F))]
+    for li in [n_rows - 1] + list(range(n_rows - 1)):
+        row = cert.bounds.layers[li]
+        if ends[li] < 0 or not (per_layer or li == n_rows - 1):
+            continue
+        prefix = model if li == n_rows - 1 else nn.Sequential(*[m for _, m in leaves[:ends[li]]])
+        label = LayerCheck(row.index, row.name, {}, {}, _kind(dict(model.named_modules()), row.name)).label
+        targets.append((f"layer {row.index}/{n_rows} ({label})", li, partial(_chain_at_point, _prefix_map(model, prefix, x))))
+    clock = _Clock(points, len(targets), started)
+    deadline = None if budget is None else clock.start + budget
+    search = _Search(centre, blocks, radius, ascent_steps, iters, seed, deadline)
+    best: dict[int | None, dict[str, tuple[float, str]]] = {}
+    stopped = None
+    for i, w in enumerate(pts):
+        for t, (label, li, run) in enumerate(targets):
+            if deadline is not None and time.monotonic() >= deadline:
+                stopped = f"budget of {_seconds(budget)} spent at point {i + 1}/{points}, before {label}"
+                break
+            left = clock.left(i, t)
+            say(f"check: point {i + 1}/{points}, {label}: {_seconds(clock.elapsed())} elapsed, "
+                + ("estimating time left" if left is None else f"about {_seconds(left)} left"))
+            t0 = time.monotonic()
+            found = run(i, w, search)
+            clock.record(t, time.monotonic() - t0)
+            mine = best.setdefault(li, {})
+            for k, (val, where_found) in found.items():
+                if k not in mine or val > mine[k][0]:
+                    mine[k] = (val, where_found)
+        if stopped:
+            break
+    if stopped:
+        say(f"check: {stopped}; reporting what was found")
+
+    say(f"check: {'stopped' if stopped else 'done'} after {_seconds(clock.elapsed())}")
+    modules = dict(model.named_modules())
+    rows = []
+    for li, row in enumerate(cert.bounds.layers):
+        got = best.get(li, {})
+        rows.append(LayerCheck(row.index, row.name, {k: getattr(row, k) for k in QUANTITIES},
+                               {k: got[k][0] if k in got else None for k in QUANTITIES}, _kind(modules, row.name)))
+    full, obj = best.get(n_rows - 1, {}), best.get(None, {})
     certified = {k: getattr(cert.bounds, k) for k in QUANTITIES}
     certified["objective_smoothness"] = cert.objective.smoothness
-    estimated = {k: full_est[k][0] for k in QUANTITIES}
-    estimated["objective_smoothness"] = obj_best
-    violations = _violations(rows, certified["objective_smoothness"], obj_best, tolerance)
-    return CheckResult(cert, certified, estimated, tuple(rows), tuple(violations), tolerance, points, ascent_steps, where)
+    estimated = {k: full[k][0] if k in full else None for k in QUANTITIES}
+    estimated["objective_smoothness"] = obj["objective_smoothness"][0] if obj else None
+    where = {k: v[1] for k, v in {**full, **obj}.items()}
+    violations = _violations(rows, certified["objective_smoothness"], estimated["objective_smoothness"], tolerance)
+    return CheckResult(cert, certified, estimated, tuple(rows), tuple(violations), tolerance, points, ascent_steps,
+                       where, budget=budget, elapsed=clock.elapsed(), stopped=stopped)
+
+
+def _prefix_map(model: nn.Module, prefix: nn.Module, x: Tensor) -> Callable[[Tensor], Tensor]:
+    """psi_l as a function of the whole flat weight vector (the prefix's own are its first entries)."""
+    psi_full, _ = functional_chain(prefix, x)
+    if prefix is model:
+        return psi_full
+    n = sum(p.numel() for p in prefix.parameters())
+    return lambda w: psi_full(w[:n])
+
+
+def _kind(modules: dict[str, nn.Module], name: str) -> str:
+    """The type of the module an RH layer is named after (a readable label where names are indices)."""
+    if name in modules:
+        return type(modules[name]).__name__
+    base, _, part = name.rpartition(".")
+    return f"{type(modules[base]).__name__} {part}" if base in modules else ""
 
 
 def _random_targets(model, x, loss: str, target_norm: float, gen) -> torch.Tensor:
@@ -309,31 +439,7 @@ def _random_targets(model, x, loss: str, target_norm: float, gen) -> torch.Tenso
     return y * (target_norm / y.flatten(1).norm(dim=1).clamp_min(1e-300)).reshape((-1,) + (1,) * (y.dim() - 1))
 
 
-def _objective_estimate(F, pts, centre, blocks, radius, ascent_steps, iters, seed) -> tuple[float, str]:
-    """The largest top Hessian eigenvalue of F found at the points and after ascent, and where."""
-    obj_best, obj_where = 0.0, ""
-    for i, w in enumerate(pts):
-        est = hessian_top_eig(F, w, method="lanczos", iters=iters, seed=seed + i)
-        cands = [(est.value, f"point {i}")]
-        if ascent_steps and est.vectors:
-            # ascent on the curvature along the top eigenvector, v^T grad^2 F(w) v (its sign
-            # makes it increase |v^T H v|), then a fresh Lanczos where it ends
-            (v,) = est.vectors
-            sign = 1.0 if float(v.dot(jvp(grad(F), (w,), (v,))[1])) >= 0 else -1.0
-
-            def curvature(u, v=v, sign=sign):
-                return sign * jvp(grad(F), (u,), (v,))[1].dot(v)
-
-            wa = _ascent(curvature, w, centre, blocks, radius, max(1, ascent_steps // 2))
-            cands.append((hessian_top_eig(F, wa, method="lanczos", iters=iters, seed=seed + i).value,
-                          f"ascent from point {i}"))
-        for val, label in cands:
-            if val > obj_best:
-                obj_best, obj_where = val, label
-    return obj_best, obj_where
-
-
-def _violations(rows, certified_objective: float, obj_best: float, tolerance: float) -> list[dict]:
+def _violations(rows, certified_objective: float, obj_best: float | None, tolerance: float) -> list[dict]:
     """Each estimate above its certified value times (1 + tolerance)."""
     violations = []
     for r in rows:
@@ -342,39 +448,49 @@ def _violations(rows, certified_objective: float, obj_best: float, tolerance: fl
             if est is not None and est > r.certified[k] * (1 + tolerance):
                 violations.append({"layer": r.index, "name": r.name, "quantity": k,
                                    "certified": json_number(r.certified[k]), "estimated": est})
-    if obj_best > certified_objective * (1 + tolerance):
+    if obj_best is not None and obj_best > certified_objective * (1 + tolerance):
         violations.append({"layer": None, "name": "objective", "quantity": "objective_smoothness",
                            "certified": json_number(certified_objective), "estimated": obj_best})
     return violations
 
 
 def plot_check(result: CheckResult, path) -> None:
-    """Log-scale bars of certified vs estimated m, l, L per layer and the objective smoothness."""
+    """Log-scale bars of certified vs estimated m, l, L per layer and the objective smoothness.
+
+    Layers are labelled by name (with the module type where the name is an index); an infinite
+    bound is drawn above every finite value and marked "inf"; a quantity never estimated (budget)
+    has no bar.  The legend sits below the axes, off the data.
+    """
     from .report import new_figure, save_figure
 
-    fig = new_figure(figsize=(16, 4))
-    axes = fig.subplots(1, 4)
+    fig = new_figure(figsize=(16, 4.6))
+    axes = fig.subplots(1, 4, gridspec_kw={"width_ratios": [3, 3, 3, 1.4]})
     titles = {"output_bound": "output bound m_l", "lipschitz": "Lipschitz l_l", "smoothness": "smoothness L_l"}
-    for ax, k in zip(axes, QUANTITIES):
-        names = [r.name for r in result.layers]
-        cert = [r.certified[k] for r in result.layers]
-        est = [r.estimated[k] or 0.0 for r in result.layers]
-        finite = [c for c in cert + est if c > 0 and not math.isinf(c)]
+    panels = [(titles[k], [r.label for r in result.layers], [r.certified[k] for r in result.layers],
+               [r.estimated[k] for r in result.layers]) for k in QUANTITIES]
+    panels.append(("objective smoothness L_F", ["objective"], [result.certified["objective_smoothness"]],
+                   [result.estimated["objective_smoothness"]]))
+    for ax, (title, names, cert, est) in zip(axes, panels):
+        finite = [v for v in cert + est if v is not None and v > 0 and not math.isinf(v)]
         top = max(finite) * 10 if finite else 1.0
-        xs = range(len(names))
-        ax.bar([i - 0.2 for i in xs], [top if math.isinf(c) else c for c in cert], 0.4, label="certified")
-        ax.bar([i + 0.2 for i in xs], est, 0.4, label="estimated")
+        xs = list(range(len(names)))
+        bars = ax.bar([i - 0.2 for i in xs], [top if math.isinf(c) else c for c in cert], 0.4, color="C0",
+                      label="certified bound")
+        ax.bar([i + 0.2 for i in xs], [math.nan if e is None else e for e in est], 0.4, color="C1",
+               label="best estimate found (a lower bound)")
+        for b, c in zip(bars, cert):
+            if math.isinf(c):
+                ax.annotate("inf", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
+                            fontsize=7)
         ax.set_yscale("log")
-        ax.set_xticks(list(xs))
-        ax.set_xticklabels(names, rotation=30, fontsize=7)
-        ax.set_title(titles[k])
-        ax.legend(fontsize=7)
-    c, e = result.certified["objective_smoothness"], result.estimated["objective_smoothness"]
-    axes[3].bar([0, 1], [c if not math.isinf(c) else max(e, 1.0) * 10, e], color=["C0", "C1"])
-    axes[3].set_xticks([0, 1])
-    axes[3].set_xticklabels(["certified L_F", "estimated"])
-    axes[3].set_yscale("log")
-    axes[3].set_title("objective smoothness")
-    fig.suptitle(f"certified vs estimated ({result.certificate.mode} constants)")
-    fig.tight_layout()
+        ax.set_xticks(xs)
+        ax.set_xticklabels(names, rotation=30 if len(names) > 1 else 0, ha="right" if len(names) > 1 else "center",
+                           fontsize=7)
+        ax.set_title(title, fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    done = "" if result.stopped is None else f"; stopped early: {result.stopped}"
+    fig.suptitle(f"certified vs estimated on C ({result.certificate.mode} constants, {result.points} points + ascent"
+                 f"{done})", fontsize=11)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     save_figure(fig, path, dpi=110)

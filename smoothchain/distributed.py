@@ -1,7 +1,8 @@
 """Data-parallel training with ``torch.distributed`` (DDP-style gradient all-reduce, gloo on CPU).
 
-Launch with ``torchrun`` (``python -m torch.distributed.run --standalone --nproc_per_node N
--m smoothchain train ... --distributed``): every rank builds the same model from the same seed,
+Launch with ``smoothchain train --nproc N ...`` (:func:`launch`: N local processes, one-line
+errors) or ``torchrun`` (``python -m torch.distributed.run --standalone --nproc_per_node N
+-m smoothchain train ...``): every rank builds the same model from the same seed,
 draws the same global mini-batch (same generator), takes its shard (rows rank, rank + N, ...),
 computes the gradient of its shard's mean objective, and the gradients are averaged over ranks
 with ``all_reduce`` -- equal shards make the average the gradient of the global batch mean
@@ -19,11 +20,17 @@ frees the group -- and joins gloo's threads -- only if nothing else holds it; se
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
-__all__ = ["Context", "in_torchrun"]
+__all__ = ["Context", "in_torchrun", "launch"]
 
 
 def in_torchrun() -> bool:
@@ -121,3 +128,44 @@ class Context:
         finally:
             dist.destroy_process_group()
             self.initialized_here = False
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(argv: Sequence[str], nproc: int, *, poll: float = 0.05) -> int:
+    """Run ``python -m smoothchain *argv`` as ``nproc`` local ranks of one gloo group.
+
+    The environment torchrun would set (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``,
+    ``MASTER_ADDR``/``MASTER_PORT`` on a free localhost port) is given to each child; their
+    output goes straight to this terminal.  When a rank fails the others are stopped (they would
+    wait for it in a collective) and its exit status is returned, so a bad input is the one line
+    rank 0 prints (the CLI's other ranks stay quiet on bad input) with no launcher report.
+    Ctrl-C stops every rank.
+    """
+    env = dict(os.environ, WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()))
+    procs = [subprocess.Popen([sys.executable, "-m", "smoothchain", *argv],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed or all(c == 0 for c in codes):
+                break
+            time.sleep(poll)
+    except KeyboardInterrupt:
+        failed = [128 + signal.SIGINT]
+    for p in procs:  # a rank still waiting for a failed one would wait for its collective
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    return failed[0] if failed else 0

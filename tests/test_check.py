@@ -77,3 +77,61 @@ def test_cli_check_builtin_models_json(model, capsys, tmp_path):
     for row in doc["layers"]:
         for k, ratio in row["ratio"].items():
             assert ratio is not None and 0 < ratio <= 1, (row["name"], k, ratio)
+
+
+def test_clock_time_left_closed_form():
+    clock = check_mod._Clock(points=3, targets=2, start=0.0)
+    assert clock.left(0, 0) is None  # nothing measured yet
+    clock.record(0, 2.0)
+    # point 1, target 1 not yet timed: costs the largest measured (2); then 2 points of 2 + 2
+    assert clock.left(0, 1) == pytest.approx(2.0 + 2 * 4.0)
+    clock.record(1, 5.0)
+    clock.record(0, 4.0)  # target 0 now averages 3
+    assert clock.left(1, 1) == pytest.approx(5.0 + 1 * 8.0)
+    assert clock.left(2, 0) == pytest.approx(8.0)
+
+
+def test_budget_stops_the_search_and_reports_what_it_found(monkeypatch):
+    """A fake clock advancing 1 s per reading: the search stops once the budget is spent, the
+    quantities reached keep their (sound) estimates, the others are None, nothing is a violation."""
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(check_mod.time, "monotonic", lambda: float(next(ticks)))
+    lines = []
+    res = check(tiny(), input_shape=(3,), points=3, ascent_steps=2, iters=10, radius=0.5, budget=12,
+                progress=lines.append)
+    assert res.stopped is not None and "budget of 12 s" in res.stopped
+    assert res.estimated["objective_smoothness"] is not None  # the first estimate of every point
+    assert 0 < res.estimated["objective_smoothness"] <= res.certified["objective_smoothness"]
+    missing = [v for r in res.layers for v in r.estimated.values() if v is None]
+    assert missing, "a 12 s budget on a fake 1 s/tick clock cannot reach every prefix"
+    assert res.violations == ()
+    for r in res.layers:
+        for k, v in r.estimated.items():
+            assert v is None or v <= r.certified[k]
+    assert any("left" in s for s in lines) and lines[-1].startswith("check: stopped after")
+    doc = res.to_dict()
+    assert doc["stopped"] == res.stopped and doc["settings"]["budget_s"] == 12
+
+
+def test_unlimited_search_is_complete_and_labels_name_module_types():
+    res = check(tiny(), input_shape=(3,), points=1, ascent_steps=1, iters=10)
+    assert res.stopped is None and res.budget is None and res.elapsed > 0
+    assert [r.label for r in res.layers] == ["0 Linear", "2 Linear"]
+
+
+def test_cli_budget_prints_partial_table_and_time_left(capsys):
+    assert main(["check", "--model", "mlp", "--points", "2", "--ascent-steps", "1", "--iters", "5",
+                 "--budget", "1e-9"]) == 0
+    captured = capsys.readouterr()
+    assert "stopped early: budget" in captured.out
+    assert "check: stopped after" in captured.err
+    assert main(["check", "--model", "mlp", "--points", "1", "--ascent-steps", "0", "--iters", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "estimating time left" in err and "s left" in err and "check: done after" in err
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "inf", "nan", "soon"])
+def test_cli_budget_must_be_positive_seconds(bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["check", "--model", "mlp", "--budget", bad])
+    assert e.value.code == 2 and "--budget" in capsys.readouterr().err

@@ -148,6 +148,26 @@ def test_save_spec_round_trip(tmp_path, capsys):
     assert _num(c["chain"]["lipschitz"]) > _num(a["chain"]["lipschitz"])
 
 
+def test_save_spec_write_failure_still_prints_the_certificate(tmp_path, capsys, monkeypatch):
+    """The disk fails after the work (the path was fine when checked): the certificate is still
+    printed, then one error line, exit 2, and no spec file is left."""
+    import errno
+
+    import smoothchain.report as report
+
+    def full_disk(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report, "atomic_write_text", full_disk)
+    spec = tmp_path / "cnn.json"
+    assert main(["certify", "--model", "cnn", "--save-spec", str(spec), "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert json.loads(out)["chain"]["smoothness"] is not None
+    assert err.strip().splitlines() == [f"smoothchain: error: --save-spec {spec}: could not write it (No space left "
+                                        "on device); the certificate is printed above"]
+    assert not spec.exists()
+
+
 def test_around_weights_requires_weight_norms_in_spec(capsys):
     err = _error(capsys, "certify", "--spec", str(ROOT / "examples" / "spec.json"), "--around-weights")
     assert "weight_norm" in err

@@ -70,3 +70,23 @@ def test_two_process_torchrun_matches_single_process(tmp_path):
     for a, b in zip(one["metrics"], two["metrics"]):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-9)
     assert two["counts"] == one["counts"]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                    reason="torch.distributed with gloo not available")
+def test_nproc_bad_input_is_one_line_and_a_run_writes_once(tmp_path):
+    """`train --nproc 2`: a batch larger than the data is one error line (rank 0's) and exit 2,
+    no launcher report; a good run is 2 ranks, rank 0 writing the files."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    base = [sys.executable, "-m", "smoothchain", "train", "--nproc", "2", "--data", "digits", "--hidden", "8",
+            "--no-plots", "--dtype", "float64"]
+    bad = subprocess.run(base + ["--limit", "20", "--batch-size", "64", "--out", str(tmp_path / "bad")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == ["smoothchain: error: batch_size 64 exceeds the 20 training examples"]
+    assert not (tmp_path / "bad").exists()
+    good = subprocess.run(base + ["--limit", "60", "--batch-size", "16", "--steps", "2", "--out", str(tmp_path / "ok"),
+                                  "--json"], capture_output=True, text=True, timeout=300, env=env)
+    assert good.returncode == 0, good.stderr[-3000:]
+    summary = json.loads(good.stdout.strip().splitlines()[-1])
+    assert summary["world_size"] == 2 and len(good.stdout.strip().splitlines()) == 1

@@ -68,6 +68,9 @@ def register(sub) -> None:
     k.add_argument("--iters", type=_pos_int, default=60, help="power/Lanczos iterations per estimate (default 60)")
     k.add_argument("--tolerance", type=_nonneg_float, default=1e-6, help="relative tolerance for a violation")
     k.add_argument("--no-per-layer", action="store_true", help="estimate only the whole chain, not every prefix")
+    k.add_argument("--budget", type=real(0.0, strict=True, finite=True), default=None, metavar="SECONDS",
+                   help="stop the search after SECONDS and report what it found (still sound: every estimate is "
+                        "a lower bound); default: no limit, the time left is shown as it goes")
     k.add_argument("--plot", metavar="FILE.png", help="write a certified-vs-estimated bar chart (log scale)")
     k.set_defaults(handler=_cmd_check)
     v = sub.add_parser("vgg-study", help="RH Sec. 5: VGG variants, claims, markdown table and PNG chart")
@@ -142,7 +145,12 @@ def _cmd_certify(args) -> int:
 
         o = cert.objective
         doc = spec_to_dict(cert.chain, LossConstants(o.loss_lipschitz, o.loss_smoothness), o.regularization_smoothness)
-        atomic_write_text(args.save_spec, json.dumps(doc, indent=2) + "\n")
+        try:
+            atomic_write_text(args.save_spec, json.dumps(doc, indent=2) + "\n")
+        except OSError as err:  # checked before the work, but the disk may still fail: keep the certificate
+            emit(args.json, cert.to_dict(), lambda: format_certificate(cert))
+            raise CLIError(f"--save-spec {args.save_spec}: could not write it ({err.strerror or err}); "
+                           "the certificate is printed above") from None
     return emit(args.json, cert.to_dict(), lambda: format_certificate(cert))
 
 
@@ -161,7 +169,7 @@ def _cmd_check(args) -> int:
         input_norm=1.0 if args.input_norm is None else args.input_norm,
         loss=args.loss, mode=args.constants, l2=args.l2 or 0.0, around_weights=args.around_weights,
         target_norm=args.target_norm, points=args.points, ascent_steps=args.ascent_steps, iters=args.iters,
-        tolerance=args.tolerance, seed=args.seed, per_layer=not args.no_per_layer,
+        tolerance=args.tolerance, seed=args.seed, per_layer=not args.no_per_layer, budget=args.budget,
         progress=lambda s: print(s, file=sys.stderr),
     )
     if args.plot:
@@ -176,13 +184,16 @@ def format_check(result) -> str:
     for r in result.layers:
         ratios = r.ratios()
         for q in ("output_bound", "lipschitz", "smoothness"):
-            rows.append((str(r.index), r.name, q, _fmt(r.certified[q]), _fmt(r.estimated[q]), _fmt(ratios[q])))
+            rows.append((str(r.index), r.label, q, _fmt(r.certified[q]), _fmt(r.estimated[q]), _fmt(ratios[q])))
     c, e = result.certified["objective_smoothness"], result.estimated["objective_smoothness"]
-    ratio = None if math.isinf(c) or c == 0 else e / c
+    ratio = None if e is None or math.isinf(c) or c == 0 else e / c
     rows.append(("-", "objective", "smoothness L_F", _fmt(c), _fmt(e), _fmt(ratio)))
     verdict = "no violation" if not result.violations else f"{len(result.violations)} VIOLATION(S): " + "; ".join(
         f"{v['name']} {v['quantity']} estimated {v['estimated']:.4g} > certified {v['certified']}" for v in result.violations)
-    return "\n".join(format_table(rows) + ["", verdict])
+    lines = format_table(rows) + ["", verdict]
+    if result.stopped:
+        lines.append(f"stopped early: {result.stopped} (- = not estimated)")
+    return "\n".join(lines)
 
 
 def _cmd_vgg_study(args) -> int:

@@ -12,6 +12,7 @@ one-line error on bad input.  PyTorch is imported only when a module must be loa
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from typing import Sequence
@@ -50,25 +51,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings as one line on stderr, like the errors (no source line, no path)."""
-    print(f"smoothchain: warning: {message}", file=sys.stderr)
+    """Warnings as one line on stderr, like the errors (no source line, no path); rank 0's only."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"smoothchain: warning: {message}", file=sys.stderr)
+
+
+def _say_error(message: str) -> None:
+    """One line on stderr; in a multi-process run only rank 0 says it (every rank meets the same
+    bad input, and the message once is enough)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"smoothchain: error: {message}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what `train --nproc` gives the processes it starts
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _warning_line
             return args.handler(args)
     except (ChainError, CLIError) as err:
-        print(f"smoothchain: error: {err}", file=sys.stderr)
+        _say_error(str(err))
         return 2
     except ModuleNotFoundError as err:
         # an optional dependency (scikit-learn, scipy, mnist1d: the "data" extra) is missing
         message = optional_dependency_message(err)
         if message is None:
             raise
-        print(f"smoothchain: error: {message}", file=sys.stderr)
+        _say_error(message)
         return 2
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 from .common import CLIError, check_output_dir, emit, errors_as_cli
-from .options import layer_norm, real
+from .options import integer, layer_norm, real
 
 __all__ = ["register"]
 
@@ -59,7 +59,10 @@ def register(sub) -> None:
     t.add_argument("--limit", type=int, default=None, help="keep at most this many examples per split")
     t.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     t.add_argument("--distributed", action="store_true",
-                   help="data-parallel over the torchrun processes (gloo); implied under torchrun")
+                   help="data-parallel over the torchrun processes (gloo); implied under torchrun and --nproc")
+    t.add_argument("--nproc", type=integer(1), default=1, metavar="N",
+                   help="data-parallel over N local processes started here (gloo; like torchrun --standalone "
+                        "--nproc_per_node N, with one-line errors)")
     t.add_argument("--no-plots", action="store_true")
     t.add_argument("--rescale-data", action="store_true",
                    help="dsgd/dsgd-all: divide the inputs by their max |entry| when it exceeds 1 "
@@ -107,6 +110,10 @@ def _cmd_train(args) -> int:
         raise CLIError(f"--lr must be positive, got {args.lr}")
     if args.resume and not args.out:
         raise CLIError("--resume needs --out DIR")
+    if args.nproc > 1 and not in_torchrun():
+        from ..distributed import launch
+
+        return launch(args.argv, args.nproc)
     cfg = TrainConfig(optimizer=args.optimizer, q=args.q, data=args.data, hidden=args.hidden,
                       steps=args.steps, batch_size=args.batch_size, lr=args.lr, out=args.out,
                       resume=args.resume, seed=args.seed, checkpoint_every=args.checkpoint_every,
