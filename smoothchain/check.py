@@ -461,7 +461,7 @@ def plot_check(result: CheckResult, path) -> None:
     bound is drawn above every finite value and marked "inf"; a quantity never estimated (budget)
     has no bar.  The legend sits below the axes, off the data.
     """
-    from .report import new_figure, save_figure
+    from .report import legend_below, new_figure, save_figure
 
     fig = new_figure(figsize=(16, 4.6))
     axes = fig.subplots(1, 4, gridspec_kw={"width_ratios": [3, 3, 3, 1.4]})
@@ -483,14 +483,14 @@ def plot_check(result: CheckResult, path) -> None:
                 ax.annotate("inf", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
                             fontsize=7)
         ax.set_yscale("log")
+        if finite:  # a decade below the smallest value: every bar shows, none starts at the axis
+            ax.set_ylim(min(finite) / 10, (top if any(math.isinf(c) for c in cert) else max(finite)) * 3)
         ax.set_xticks(xs)
         ax.set_xticklabels(names, rotation=30 if len(names) > 1 else 0, ha="right" if len(names) > 1 else "center",
                            fontsize=7)
         ax.set_title(title, fontsize=10)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
     done = "" if result.stopped is None else f"; stopped early: {result.stopped}"
     fig.suptitle(f"certified vs estimated on C ({result.certificate.mode} constants, {result.points} points + ascent"
                  f"{done})", fontsize=11)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    legend_below(fig, *axes[0].get_legend_handles_labels(), ncol=2)
     save_figure(fig, path, dpi=110)

@@ -88,6 +88,23 @@ def save_figure(fig, path: str | os.PathLike, *, dpi: float | None = None, **sav
     return atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, **savefig_kw))
 
 
+def legend_below(fig, handles, labels, *, ncol: int | None = None, fontsize: float = 8,
+                 top: float = 1.0) -> None:
+    """One legend for the whole figure, centred below the axes (off the data: inside, it covered
+    the curves' ends), then ``tight_layout`` leaving it room; ``top`` < 1 leaves room for a
+    ``suptitle``.  ``ncol`` (default up to 3) is lowered until the legend fits the figure's width."""
+    ncol = max(1, min(ncol or 3, len(labels)))
+    renderer = fig.canvas.get_renderer()
+    while True:
+        legend = fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=fontsize, frameon=False)
+        if ncol == 1 or legend.get_window_extent(renderer).width <= fig.bbox.width * 0.98:
+            break
+        legend.remove()
+        ncol -= 1
+    height = legend.get_window_extent(renderer).height / fig.dpi  # inches
+    fig.tight_layout(rect=(0, min(0.6, (height + 0.1) / fig.get_figheight()), 1, top))
+
+
 def fmt_number(x: Any, spec: str = ".4g", *, scale: float = 1.0, suffix: str = "", none: str = "-") -> str:
     """``format(scale * x, spec) + suffix``; "inf" (or "-inf") for infinities, ``none`` for None,
     a string unchanged."""

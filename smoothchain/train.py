@@ -51,11 +51,11 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from .losses import squared_error
-from .report import atomic_write_with, fmt_number, new_figure, save_figure, uncreatable
+from .report import atomic_write_text, atomic_write_with, fmt_number, legend_below, new_figure, save_figure, uncreatable
 from .spec import json_number
 
 __all__ = ["TrainConfig", "train", "check_out", "config_differences", "build_model", "make_optimizer", "evaluate",
-           "OPTIMIZERS", "LAYERWISE", "plot_metrics", "load_data", "Progress"]
+           "OPTIMIZERS", "LAYERWISE", "plot_metrics", "load_data", "Progress", "method_name"]
 
 OPTIMIZERS = ("dsgd", "dsgd-all", "random", "sequential", "sgd-norm", "sgd", "gd",
               "gauss-newton", "newton", "certified-gd")
@@ -116,6 +116,11 @@ def _check_assumption_41(x_tr, z_tr, x_te, z_te, cfg):
             hint = "" if cfg.rescale_data else " (--rescale-data divides the inputs by their max |entry|)"
             raise ValueError(f"{cfg.optimizer} on {cfg.data!r}, {split} split: {exc}{hint}") from None
     return x_tr, z_tr, x_te, z_te
+
+
+def method_name(optimizer: str, q: float) -> str:
+    """How summaries, reports and figure legends name a run: ``dsgd q=inf``, ``sgd``."""
+    return f"{optimizer} q={fmt_number(float(q), 'g')}" if optimizer in LAYERWISE else optimizer
 
 
 def build_model(n_in: int, hidden: int, n_out: int, *, seed: int = 0,
@@ -210,35 +215,57 @@ class TrainingWarning(UserWarning):
 
 
 class Progress:
-    """A one-line progress bar on stderr (no dependencies)."""
+    """A progress bar on stderr (no dependencies): steps done, the rate of this process's steps
+    (a resumed run counts from where it resumed) and the time left.
 
-    def __init__(self, total: int, label: str = "", enabled: bool = True, width: int = 30):
+    On a terminal it is one line redrawn at every percent; elsewhere (a log file, CI) it is a
+    line every 10 % so that a log stays readable.  ``interactive`` overrides the detection.
+    """
+
+    def __init__(self, total: int, label: str = "", enabled: bool = True, width: int = 30,
+                 interactive: bool | None = None):
         self.total, self.label, self.enabled, self.width = max(total, 1), label, enabled, width
+        self.interactive = sys.stderr.isatty() if interactive is None else interactive
         self._last = -1
-        self._t0 = time.perf_counter()
+        self._shown = 0  # length of the line on screen, to blank what a shorter one leaves
+        self._t0 = 0.0
+        self._start: int | None = None  # the first step count seen (the checkpoint's on resume), and when
 
     def update(self, done: int, info: str = "") -> None:
         if not self.enabled:
             return
+        if self._start is None:
+            self._start, self._t0 = done, time.perf_counter()
         frac = min(done / self.total, 1.0)
-        tick = int(frac * 100)
+        tick = int(frac * 100) // (1 if self.interactive else 10)
         if tick == self._last and done != self.total:
             return
         self._last = tick
         n = int(frac * self.width)
-        rate = done / max(time.perf_counter() - self._t0, 1e-9)
-        sys.stderr.write(f"\r{self.label} [{'#' * n}{'.' * (self.width - n)}] {done}/{self.total} "
-                         f"{rate:.1f} it/s {info}")
+        ran, elapsed = done - self._start, time.perf_counter() - self._t0
+        speed = ""
+        if ran > 0 and elapsed > 0:
+            rate = ran / elapsed
+            left = (self.total - done) / rate
+            speed = f"{rate:.1f} it/s" + (f", {left:.0f} s left " if done < self.total else " ")
+        line = f"{self.label} [{'#' * n}{'.' * (self.width - n)}] {done}/{self.total} {speed}{info}"
+        if self.interactive:
+            sys.stderr.write("\r" + line.ljust(self._shown))
+            self._shown = len(line)
+        else:
+            sys.stderr.write(line + "\n")
         if done >= self.total:
-            sys.stderr.write("\n")
-            self._last = None  # the line is finished
+            if self.interactive:
+                sys.stderr.write("\n")
+            self._last, self._shown = None, 0  # the line is finished
         sys.stderr.flush()
 
     def close(self) -> None:
         """End an unfinished bar's line, so that what is printed next (an error) starts a line."""
         if self.enabled and self._last is not None and self._last >= 0:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+            if self.interactive:  # a log's lines are already finished
+                sys.stderr.write("\n")
+                sys.stderr.flush()
             self._last = None
 
 
@@ -568,8 +595,11 @@ def _finish(run: _Run, d: _Data, final_step: int, *, write: bool = True) -> dict
     }
     if out and run.is_main and write:
         if cfg.plots and metrics:  # no empty figures for a run without steps
-            summary["figures"] = plot_metrics({cfg.optimizer: metrics}, out, layerwise=cfg.optimizer in LAYERWISE)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            name = method_name(cfg.optimizer, cfg.q)
+            batch = f"batch {cfg.batch_size}" if cfg.batch_size else "full batch"
+            summary["figures"] = plot_metrics({name: metrics}, out, layerwise=cfg.optimizer in LAYERWISE,
+                                              title=f"{name} on {summary['data']}, {batch}")
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -626,34 +656,46 @@ def _train(cfg: TrainConfig, *, data, progress: bool, stop_after: int | None, ct
 
 
 def plot_metrics(runs: dict[str, list[dict]], out: Path, *, layerwise: bool = True,
-                 prefix: str = "") -> list[str]:
-    """training_error.png, test_accuracy.png and (layer-wise runs) layer_updates.png."""
+                 prefix: str = "", title: str = "") -> list[str]:
+    """training_error.png, test_accuracy.png and (layer-wise runs) layer_updates.png.
+
+    ``runs`` maps a method's name (as the report or summary writes it) to its metrics.  Each
+    figure has a title (``title``, then what it shows); rates are drawn in percent on a fixed
+    0-100 % axis, so a run at chance stays a flat line instead of its noise filling the figure;
+    the legend sits below the axes.
+    """
     files = []
-    for key, ylabel, fname in (("train_error", "training error", "training_error.png"),
-                               ("test_accuracy", "test accuracy", "test_accuracy.png")):
-        fig = new_figure(figsize=(5, 3.5))
+    for key, what, fname in (("train_error", "training error", "training_error.png"),
+                             ("test_accuracy", "test accuracy", "test_accuracy.png")):
+        fig = new_figure(figsize=(5.5, 4.2))
         ax = fig.subplots()
         for label, ms in runs.items():
-            pts = [(m["step"], m[key]) for m in ms if key in m]
+            pts = [(m["step"], 100 * m[key]) for m in ms if key in m]
             if pts:
                 ax.plot(*zip(*pts), label=label)
+        ax.set_ylim(0, 100)
         ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=7, loc="upper right")
-        fig.tight_layout()
+        ax.set_ylabel(f"{what} (%)")
+        ax.grid(alpha=0.3)
+        ax.set_title(f"{title}: {what}" if title else what, fontsize=10)
+        legend_below(fig, *ax.get_legend_handles_labels())
         files.append(str(save_figure(fig, out / (prefix + fname), dpi=90)))
     if layerwise:
-        fig = new_figure(figsize=(5, 3.5))
+        fig = new_figure(figsize=(5.5, 4.2))
         ax = fig.subplots()
-        for label, ms in runs.items():
+        for k, (label, ms) in enumerate(runs.items()):
             if not ms or not ms[0].get("counts"):
                 continue
             steps = [m["step"] for m in ms]
+            styles = ("-", "--", ":", "-.")
             for i in range(len(ms[0]["counts"])):
-                ax.plot(steps, [m["counts"][i] for m in ms], label=f"{label} layer {i + 1}")
+                # one run: a colour per layer; several: a colour per method, a line style per layer
+                style, colour = ("-", f"C{i}") if len(runs) == 1 else (styles[i % len(styles)], f"C{k}")
+                ax.plot(steps, [m["counts"][i] for m in ms], style, color=colour, label=f"{label}, layer {i + 1}")
         ax.set_xlabel("step")
-        ax.set_ylabel("cumulative updates")
-        ax.legend(fontsize=7, loc="upper right")
-        fig.tight_layout()
+        ax.set_ylabel("cumulative updates of the layer")
+        ax.grid(alpha=0.3)
+        ax.set_title(f"{title}: layer updates" if title else "layer updates", fontsize=10)
+        legend_below(fig, *ax.get_legend_handles_labels(), ncol=2)
         files.append(str(save_figure(fig, out / (prefix + "layer_updates.png"), dpi=90)))
     return files

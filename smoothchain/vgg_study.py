@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .certificate import certify
-from .report import atomic_write_text, fmt_number, new_figure, save_figure
+from .report import atomic_write_text, fmt_number, legend_below, new_figure, save_figure
 
 __all__ = ["StudyRow", "Claim", "VGGStudy", "run_vgg_study", "local_vgg_rows", "write_vgg_study"]
 
@@ -228,8 +228,7 @@ def plot_vgg_study(study: VGGStudy, path: Path) -> None:
     handles = [Patch(color=f"C{k}", label=f"{mode} constants") for k, mode in enumerate(modes)]
     handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="infinite (not C^1)"))
     fig.suptitle("VGG-16 variants: certified constants (RH Sec. 5)")
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
+    legend_below(fig, handles, [h.get_label() for h in handles], ncol=len(handles), top=0.95)
     save_figure(fig, path, dpi=120)
 
 

@@ -63,3 +63,27 @@ def test_fixed_temporary_name_is_reused(tmp_path):
     (tmp_path / "ck.pt.tmp").write_bytes(b"partial")
     atomic_write_with(p, lambda tmp: Path(tmp).write_bytes(b"full"), fixed_tmp=True)
     assert p.read_bytes() == b"full" and os.listdir(tmp_path) == ["ck.pt"]
+
+
+@pytest.mark.parametrize("n_lines, ncol", [(1, None), (7, None), (6, 2), (4, 4)])
+def test_legend_below_sits_off_every_axes(n_lines, ncol):
+    """The legend's box lies entirely below every axes' box (titles and ticks included), inside
+    the figure: it covers no data, whatever the number of entries."""
+    pytest.importorskip("matplotlib")
+    from smoothchain.report import legend_below
+
+    fig = new_figure(figsize=(5.5, 4.2))
+    axes = fig.subplots(1, 2)
+    for k in range(n_lines):
+        axes[0].plot([0, 1], [k, k + 1], label=f"a rather long method name {k}")
+    axes[0].set_title("title")
+    axes[0].set_xlabel("step")
+    legend_below(fig, *axes[0].get_legend_handles_labels(), ncol=ncol)
+    renderer = fig.canvas.get_renderer()
+    fig.canvas.draw()
+    (legend,) = fig.legends
+    box = legend.get_window_extent(renderer)
+    for ax in axes:
+        tight = ax.get_tightbbox(renderer)
+        assert box.y1 <= tight.y0 + 1, (box, tight)
+    assert box.y0 >= 0 and box.x0 >= 0 and box.x1 <= fig.bbox.x1 + 1

@@ -287,3 +287,28 @@ def test_saturated_and_no_op_runs_are_said(tmp_path, capsys):
     assert "already finished at step 30" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "ok").iterdir()) == before
     assert (tmp_path / "ok" / "summary.json").stat().st_mtime_ns == stamp
+
+
+def test_progress_rate_counts_this_processes_steps(monkeypatch, capsys):
+    """A resumed run starts its bar at the checkpoint's step: the rate is the steps run since
+    (not ~1e7 it/s), and the time left follows from it."""
+    import smoothchain.train as tr
+
+    now = iter([10.0, 10.0, 12.0])
+    monkeypatch.setattr(tr.time, "perf_counter", lambda: next(now))
+    bar = tr.Progress(3000, "dsgd", interactive=True)
+    bar.update(1500)   # resumed at step 1500, at t = 10
+    bar.update(1530)   # 30 steps in 2 s
+    line = capsys.readouterr().err.split("\r")[-1]
+    assert "1530/3000 15.0 it/s, 98 s left" in line
+
+
+def test_progress_in_a_log_is_a_line_every_ten_percent(capsys):
+    import smoothchain.train as tr
+
+    bar = tr.Progress(200, "sgd", interactive=False)
+    for t in range(201):
+        bar.update(t, f"loss {1 / (t + 1):.3g}")
+    lines = capsys.readouterr().err.splitlines()
+    assert "\r" not in "".join(lines)
+    assert [ln.split()[2] for ln in lines] == [f"{20 * k}/200" for k in range(11)]

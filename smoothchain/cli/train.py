@@ -93,7 +93,7 @@ def register(sub) -> None:
 def _cmd_train(args) -> int:
     from ..data import DatasetNotFoundError
     from ..distributed import in_torchrun
-    from ..train import LAYERWISE, TrainConfig, train
+    from ..train import LAYERWISE, TrainConfig, method_name, train
 
     second_order = args.optimizer in ("gauss-newton", "newton")
     if args.hidden is None:
@@ -134,12 +134,14 @@ def _cmd_train(args) -> int:
             ctx.close()
     if ctx is None or ctx.rank == 0:
         f = summary["final"] or {}
-        layerwise = summary["optimizer"] in LAYERWISE
-        head = f"{summary['optimizer']} q={summary['q']}" if layerwise else summary["optimizer"]
-        tail = f", layer updates {summary['counts']}" if layerwise else ""
-        emit(args.json, summary, f"{head}: {summary['steps']} steps, train error {f.get('train_error')}, test accuracy "
-                                 f"{f.get('test_accuracy')}{tail}")
+        tail = f", layer updates {summary['counts']}" if summary["optimizer"] in LAYERWISE else ""
+        emit(args.json, summary, f"{method_name(summary['optimizer'], cfg.q)}: {summary['steps']} steps, train error "
+                                 f"{_percent(f.get('train_error'))}, test accuracy {_percent(f.get('test_accuracy'))}{tail}")
     return 0
+
+
+def _percent(rate) -> str:
+    return "-" if rate is None else f"{100 * rate:.2f} %"
 
 
 def _cmd_experiment(args) -> int:
