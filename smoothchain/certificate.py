@@ -141,9 +141,10 @@ def build_chain(
             input_shape = getattr(model, "input_shape", None)
             if input_shape is None:
                 raise ChainError("an nn.Module needs --input-shape (per example, e.g. 3,32,32 or 784)")
-        from .torch_chain import components_from_module
+        from .torch_chain import components_from_module, warn_eval_batch_norms
 
         mc = components_from_module(model, input_shape, batch_size, weight_norms=around_weights)
+        warn_eval_batch_norms(mc.leaves, stacklevel=4)
         components, names, shapes = list(mc.components), list(mc.names), list(mc.shapes)
         if around_weights:
             weight_norms, norms_at_weights = list(mc.weight_norms), list(mc.norms_at_weights)

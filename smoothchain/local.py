@@ -39,7 +39,7 @@ from .functional import batch_normalize
 from .losses import SUPERVISED_LOSSES, LossConstants, get_loss, loss_function
 from .objective import objective_bounds
 from .recursion import ChainBounds, LayerBound, _prod, chain_bounds
-from .torch_chain import components_from_module
+from .torch_chain import components_from_module, warn_eval_batch_norms
 
 __all__ = ["certify_local", "LOCAL_LOSSES"]
 
@@ -190,6 +190,7 @@ def certify_local(model: nn.Module, x: Tensor, y: Tensor, *, loss: str = "cross-
     m, R = int(x.shape[0]), float(radius)
     x = x.detach().double()
     mc = components_from_module(model, tuple(x.shape[1:]), m, weight_norms=True)
+    warn_eval_batch_norms(mc.leaves)
     leaves = _leaves64(mc)
     layers = build_layers(mc.components, mc.shapes, m, "tight", mc.names, mc.weight_norms, mc.norms_at_weights)
     chain = Chain(tuple(layers), input_norm=_norm(x), radius=R).around_weights()

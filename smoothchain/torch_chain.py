@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -24,6 +25,8 @@ from .components import COMPONENT_TYPES, ChannelAffine, Component, UnsupportedMo
 from .functional import batch_normalize, make_functional_call
 
 __all__ = [
+    "BatchStatisticsWarning",
+    "warn_eval_batch_norms",
     "REGISTRY",
     "register_module",
     "register_component",
@@ -133,6 +136,22 @@ def leaf_modules(module: nn.Module, prefix: str = "", *, strict: bool = True) ->
     if not strict:
         return [(prefix or type(module).__name__, module)]
     raise _unsupported(prefix or "<root>", module)
+
+
+class BatchStatisticsWarning(UserWarning):
+    """A batch norm in evaluation mode is certified with the batch's own statistics."""
+
+
+def warn_eval_batch_norms(leaves: Sequence[tuple[str, nn.Module]], stacklevel: int = 3) -> None:
+    """Say once, naming them, that batch norms in evaluation mode are certified (and estimated)
+    with the batch's statistics, as in RH eq. (11), not with their running statistics."""
+    names = [name for name, m in leaves if isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training]
+    if names:
+        shown = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        warnings.warn(f"batch norm {shown} in evaluation mode: certified with the batch's own statistics "
+                      "(RH eq. 11), not its running statistics; the certificate is for training-mode "
+                      "normalisation (model.train() before certifying silences this)", BatchStatisticsWarning,
+                      stacklevel=stacklevel)
 
 
 @dataclass(frozen=True)

@@ -674,3 +674,20 @@ def test_output_and_jacobian_norms_stay_below_the_certificate(name, radius, x_no
             assert jac_norm <= cert.bounds.lipschitz * (1 + 1e-9), (mode, trial, jac_norm, cert.bounds.lipschitz)
     # the balls are spheres here: the tight certificate is never looser than the paper one
     assert certs["tight"].bounds.lipschitz <= certs["paper"].bounds.lipschitz
+
+
+def test_eval_mode_batch_norm_is_said_once_and_train_mode_is_silent():
+    import warnings
+
+    from smoothchain import certify
+    from smoothchain.torch_chain import BatchStatisticsWarning
+
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 2))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        a = certify(model, input_shape=(4,), batch_size=8)
+    assert not [w for w in seen if issubclass(w.category, BatchStatisticsWarning)]
+    with pytest.warns(BatchStatisticsWarning, match=r"batch norm '1' in evaluation mode") as caught:
+        b = certify(model.eval(), input_shape=(4,), batch_size=8)
+    assert len([w for w in caught if issubclass(w.category, BatchStatisticsWarning)]) == 1
+    assert b.bounds.smoothness == a.bounds.smoothness  # the same certificate: batch statistics both times
