@@ -27,6 +27,10 @@ def boom():
 
 def three():
     return 3
+
+
+def small():
+    return torch.nn.Sequential(torch.nn.Linear(3, 2))
 '''
 
 ROWS = [
@@ -55,6 +59,11 @@ ROWS = [
     ("check --spec {d}/empty.json", "needs a network"),
     ("pl --model mlp --data nope", "--data"),
     ("pl --model mlp --samples 0", "--samples"),
+    ("pl --module {d}/mods.py:small --data digits", "does not take the inputs of --data digits", "(64,)"),
+    ("pl --module {d}/mods.py:small --input-shape 3 --data digits", "64 inputs", "(3,)"),
+    ("check --model mlp --budget 0", "--budget", "> 0"),
+    ("check --model mlp --budget inf", "--budget", "finite"),
+    ("train --nproc 0", "--nproc", ">= 1"),
     ("rates sgd", "required"),
     ("train --optimizer nope", "--optimizer"),
     ("train --steps -1", "--steps"),

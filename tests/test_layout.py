@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE = ["chain", "components", "recursion", "losses", "objective", "spec", "models", "certificate"]
+CORE = ["chain", "graph", "components", "recursion", "losses", "objective", "spec", "models", "certificate"]
 
 
 @pytest.mark.parametrize("module", CORE)

@@ -11,7 +11,7 @@ import sys
 
 from ..losses import SUPERVISED_LOSSES
 from ..spec import json_number
-from .common import CLIError, emit, errors_as_cli, load_model
+from .common import CLIError, check_input_fits, emit, errors_as_cli, load_model
 from .options import integer, real
 
 __all__ = ["register"]
@@ -130,6 +130,7 @@ def _cmd_pl(args) -> int:
             shape = (64,)
         if shape is None:
             raise CLIError("--module with --data random needs --input-shape")
+        check_input_fits(model, shape, f"--data {args.data}")
     else:
         name = args.model or "mlp"
         model, shape = _mlp(name, args.seed), (64,)

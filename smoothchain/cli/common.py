@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 __all__ = ["CLIError", "OPTIONAL_DEPENDENCIES", "optional_dependency_message", "load_module", "load_model",
-           "LoadedModel", "errors_as_cli", "format_table", "emit", "check_output_file", "check_output_dir"]
+           "LoadedModel", "errors_as_cli", "check_input_fits", "format_table", "emit", "check_output_file", "check_output_dir"]
 
 
 class CLIError(Exception):
@@ -141,6 +141,21 @@ def load_model(
     if shape is None and shape_example is not None:
         raise CLIError(f"--module needs --input-shape (per example, e.g. {shape_example})")
     return LoadedModel(net, name, None if shape is None else tuple(shape))
+
+
+def check_input_fits(net: Any, shape: Sequence[int], where: str) -> None:
+    """A :class:`CLIError` naming ``where`` (e.g. ``--data digits``) if ``net`` cannot take a batch
+    of inputs of ``shape`` -- before any work, instead of a traceback in the middle of it."""
+    import torch
+
+    dtype = next((p.dtype for p in net.parameters()), torch.get_default_dtype())
+    try:
+        with torch.no_grad():
+            net(torch.zeros((2,) + tuple(shape), dtype=dtype))
+    except (RuntimeError, ValueError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CLIError(f"the model does not take the inputs of {where}, of shape {tuple(shape)} per example "
+                       f"({first}); give a model that does, or --input-shape for --data random") from None
 
 
 @contextmanager
