@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from .chain import Chain, ChainError
-from .components import Component, build_layers, propagate_shapes
+from .components import Component, UnsupportedModuleError, build_layers, propagate_shapes
 from .models import BuiltinModel, builtin
 from .objective import LossConstants, ObjectiveBounds, loss_constants, objective_bounds
-from .recursion import ChainBounds, chain_bounds
+from .recursion import ChainBounds, chain_bounds, graph_bounds
 from .spec import json_number
 
 __all__ = ["Certificate", "certify", "certify_chain", "certify_source", "build_chain", "parse_input_shape",
@@ -194,11 +194,18 @@ def certify(
         >>> cert.bounds.lipschitz > 0
         True
     """
-    chain = build_chain(
-        model, input_shape=input_shape, batch_size=batch_size, mode=mode, radius=radius,
-        input_norm=input_norm, around_weights=around_weights, bn_eps=bn_eps,
-    )
-    bounds = chain_bounds(chain)
+    try:
+        chain = build_chain(
+            model, input_shape=input_shape, batch_size=batch_size, mode=mode, radius=radius,
+            input_norm=input_norm, around_weights=around_weights, bn_eps=bn_eps,
+        )
+        bounds = chain_bounds(chain)
+    except UnsupportedModuleError as not_a_chain:
+        # a module with skip connections: its torch.fx graph (docs/graphs.md); an unregistered
+        # leaf module fails there with the same message
+        chain = _module_graph(model, not_a_chain, input_shape=input_shape, batch_size=batch_size, mode=mode,
+                              radius=radius, input_norm=input_norm, around_weights=around_weights)
+        bounds = graph_bounds(chain)
     loss_c = loss_constants(
         loss, batch_size=batch_size, output_bound=bounds.output_bound, mode=mode, target_norm=target_norm, input_norm=input_norm
     )
@@ -207,6 +214,27 @@ def certify(
         chain, loss_c, l2=l2, epsilon=epsilon, gap=gap, mode=mode, loss_name=loss, batch_size=batch_size, model=str(name),
         bounds=bounds,
     )
+
+
+def _module_graph(model: Any, not_a_chain: Exception, *, input_shape, batch_size: int, mode: str, radius: float,
+                  input_norm: float, around_weights: bool):
+    """The graph of an ``nn.Module`` that is not a chain (RH Def. 2.1 with merges, issue 13)."""
+    if type(model).__module__.split(".")[0] == "smoothchain" or not hasattr(model, "named_modules"):
+        raise not_a_chain
+    from .torch_chain import warn_eval_batch_norms
+    from .torch_graph import graph_from_module
+
+    if input_shape is None:
+        input_shape = getattr(model, "input_shape", None)
+        if input_shape is None:
+            raise ChainError("an nn.Module needs --input-shape (per example, e.g. 3,32,32 or 784)")
+    for pname, p in model.named_parameters():
+        if not p.is_meta and not bool(p.detach().isfinite().all()):
+            raise ChainError(f"parameter {pname!r} has NaN or infinite entries; fix or re-initialise the model")
+    warn_eval_batch_norms(list(model.named_modules()), stacklevel=5)
+    graph = graph_from_module(model, input_shape, batch_size, mode=mode, radius=radius, input_norm=input_norm,
+                              weight_norms=around_weights).graph
+    return graph.around_weights() if around_weights else graph
 
 
 def seeded_module(model: Any, *, seed: int = 0, bn_eps: float = 1e-5):

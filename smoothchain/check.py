@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.func import grad, jvp
 
 from .certificate import Certificate, certify
-from .chain import ChainError
+from .chain import Chain, ChainError
 from .estimators import (
     ESTIMATOR_LOSSES,
     flat_parameters,
@@ -341,6 +341,9 @@ def check(
             model, input_shape=input_shape, batch_size=batch_size, radius=radius, input_norm=input_norm, loss=loss,
             mode=mode, l2=l2, around_weights=around_weights, target_norm=target_norm,
         )
+        if not isinstance(cert.chain, Chain):  # read as a graph (skip connections)
+            raise ChainError(f"check estimates chains only so far; {type(model).__name__} has skip connections "
+                             "(a graph, docs/graphs.md): `smoothchain certify` certifies it")
     model = copy.deepcopy(model).double()  # estimates in float64; the user's model is untouched
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((batch_size,) + tuple(input_shape), generator=gen, dtype=torch.float64)

@@ -104,3 +104,45 @@ def assert_rel_close(actual, expected, *, rtol: float, what: str = "") -> None:
     """``rel_err(actual, expected) <= rtol``, with both numbers in the message."""
     err = rel_err(actual, expected)
     assert err <= rtol, f"{what or 'values'}: relative error {err:.3e} > {rtol:.1e}"
+
+
+# ----------------------------------------------------------------------------- the set C
+def functional_output(net: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """w -> net(x) flattened, w the parameters in ``named_parameters`` order (batch statistics
+    for batch norm: the module in training mode, as RH eq. 11 certifies it)."""
+    import copy
+
+    net = copy.deepcopy(net)
+    for m in net.modules():  # batch statistics always, and no running-statistics update to trace
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats, m.running_mean, m.running_var, m.num_batches_tracked = False, None, None, None
+            m.train()
+    names = [n for n, _ in net.named_parameters()]
+    shapes = [p.shape for _, p in net.named_parameters()]
+    sizes = [p.numel() for _, p in net.named_parameters()]
+
+    def psi(w):
+        params, pos = {}, 0
+        for n, s, k in zip(names, shapes, sizes):
+            params[n] = w[pos:pos + k].reshape(s)
+            pos += k
+        return torch.func.functional_call(net, params, (x,)).reshape(-1)
+
+    return psi
+
+
+def point_in_balls(net: nn.Module, radius: float, gen: torch.Generator, *, boundary: bool,
+                   centre: torch.Tensor | None = None) -> torch.Tensor:
+    """A point of C = {||v_n - v*_n|| <= radius for every module holding parameters} (a layer's
+    weight and bias form one ball), on every ball's boundary or at a random radius inside."""
+    sizes = [(n.rsplit(".", 1)[0], p.numel()) for n, p in net.named_parameters()]
+    w = torch.randn(sum(k for _, k in sizes), generator=gen, dtype=DT)
+    pos, spans = 0, {}
+    for owner, k in sizes:
+        spans.setdefault(owner, []).append(torch.arange(pos, pos + k))
+        pos += k
+    for parts in spans.values():
+        idx = torch.cat(parts)
+        r = radius if boundary else radius * float(torch.rand((), generator=gen, dtype=DT))
+        w[idx] *= r / w[idx].norm()
+    return w if centre is None else centre + w

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from cases import functional_output, point_in_balls
 from smoothchain.certificate import build_chain
 from smoothchain.chain import ChainError, ComponentConstants
 from smoothchain.graph import Concat, Graph, Node, Product, Sum, identity_layer
@@ -161,32 +162,10 @@ def test_residual_certificate_survives_estimates_on_C(mode, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, d, generator=g, dtype=DT)
     x = x * (input_norm / x.norm())
-    names = [n for n, _ in net.named_parameters()]
-    shapes = [p.shape for _, p in net.named_parameters()]
-    sizes = [p.numel() for _, p in net.named_parameters()]
-    layer_of = [n.rsplit(".", 1)[0] for n in names]  # weight and bias of one module: one ball
-
-    def psi(w):
-        params, pos = {}, 0
-        for n, s, k in zip(names, shapes, sizes):
-            params[n] = w[pos:pos + k].reshape(s)
-            pos += k
-        return torch.func.functional_call(net, params, (x,)).reshape(-1)
-
-    def point(boundary: bool):
-        w = torch.randn(sum(sizes), generator=g, dtype=DT)
-        pos, spans = 0, {}
-        for layer, k in zip(layer_of, sizes):
-            spans.setdefault(layer, []).append((pos, pos + k))
-            pos += k
-        for parts in spans.values():
-            idx = torch.cat([torch.arange(a, b) for a, b in parts])
-            r = radius if boundary else radius * float(torch.rand((), generator=g, dtype=DT))
-            w[idx] *= r / w[idx].norm()
-        return w
+    psi = functional_output(net, x)
 
     for i in range(3):
-        w = point(boundary=i % 2 == 0)
+        w = point_in_balls(net, radius, g, boundary=i % 2 == 0)
         assert output_norm(psi, w).value <= bounds.output_bound * (1 + 1e-9)
         assert jacobian_norm(psi, w, iters=40, seed=i).value <= bounds.lipschitz * (1 + 1e-9)
         assert second_derivative_norm(psi, w, iters=20, seed=i).value <= bounds.smoothness * (1 + 1e-9)

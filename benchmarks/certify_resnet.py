@@ -1,0 +1,47 @@
+"""Wall time of `smoothchain certify` on ResNet-18 (issue 13: under 5 s), start-up included.
+
+ResNet-18 is examples/resnet.py's, written from torch.nn with torchvision's structure (read by
+torch.fx, docs/graphs.md), at batch 128 on 3x224x224 inputs.  Prints one JSON line: the minimum
+wall time of the CLI over the repeats, the time of `python -c "import torch"` and of building
+the module alone in the same run (the floors), and whether the CLI stayed under 5 s.
+Run: `python benchmarks/certify_resnet.py [--repeats N]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CMD = [sys.executable, "-m", "smoothchain", "certify", "--module", "examples/resnet.py:resnet18", "--input-shape",
+       "3,224,224", "--batch-size", "128", "--json"]
+BUILD = [sys.executable, "-c", "import sys; sys.path.insert(0, 'examples'); import resnet; resnet.resnet18()"]
+
+
+def wall(cmd: list[str], repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    wall(CMD, 1)  # warm the file cache
+    cli, build = wall(CMD, args.repeats), wall(BUILD, args.repeats)
+    torch_import = wall([sys.executable, "-c", "import torch"], args.repeats)
+    print(json.dumps({"benchmark": "certify_resnet18_m128", "cli_wall_s": round(cli, 3),
+                      "build_module_s": round(build, 3), "import_torch_s": round(torch_import, 3),
+                      "cli_over_build": round(cli / build, 2), "under_5s": cli < 5.0}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Modules with skip connections read by torch.fx (smoothchain.torch_graph, issue 13).
+
+References: the chain reader on the same Sequential models (an independent walk of the module,
+itself tested against the reference recursion); estimates at points of C by the estimators of
+smoothchain.estimators (lower bounds) on the traced modules' own forward.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from cases import CHAINS, DT, build, functional_output, point_in_balls
+from smoothchain import certify
+from smoothchain.certificate import build_chain
+from smoothchain.chain import ChainError
+from smoothchain.cli import main
+from smoothchain.components import UnsupportedModuleError
+from smoothchain.recursion import chain_bounds, graph_bounds
+from smoothchain.torch_graph import graph_from_module
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+from resnet import BasicBlock, ResNet, digits_resnet  # noqa: E402
+
+
+def _close(a: float, b: float) -> bool:
+    return a == b or (math.isfinite(a) and math.isfinite(b) and math.isclose(a, b, rel_tol=1e-12))
+
+
+@pytest.mark.parametrize("case", CHAINS, ids=[c.id for c in CHAINS])
+@pytest.mark.parametrize("mode", ["paper", "tight"])
+def test_traced_sequential_is_the_chain(case, mode):
+    """A Sequential read through torch.fx gives the chain's certificate (1e-12 relative)."""
+    model, x, _ = build(case)
+    shape, m = tuple(x.shape[1:]), x.shape[0]
+    chain = build_chain(model, input_shape=shape, batch_size=m, mode=mode, radius=0.7, input_norm=1.3)
+    graph = graph_from_module(model, shape, m, mode=mode, radius=0.7, input_norm=1.3).graph
+    a, b = chain_bounds(chain), graph_bounds(graph)
+    assert len(b.layers) == len(a.layers) and all(n.kind in ("input", "layer") for n in b.nodes)
+    for ra, rb in zip(a.layers, b.layers):
+        for k in ("output_bound", "lipschitz", "smoothness"):
+            assert _close(getattr(rb, k), getattr(ra, k)), (ra.name, k, getattr(rb, k), getattr(ra, k))
+
+
+class Merges(nn.Module):
+    """Every merge: a projection shortcut, an identity shortcut, a scaling, a concatenation, a
+    product and functional activations."""
+
+    def __init__(self, d=4):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.proj = nn.Linear(d, d, bias=False)
+        self.head = nn.Linear(3 * d, 2)
+        self.act = nn.Softplus()
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        r = self.proj(h) + self.act(self.b(h))           # projection shortcut
+        s = 0.5 * (r - h)                                 # identity shortcut, scaling
+        g = torch.sigmoid(self.c(s)) * s                  # a gate (product)
+        return self.head(torch.cat([g, s, torch.tanh(r)], dim=1))
+
+
+@pytest.mark.parametrize("net_fn, shape", [(Merges, (4,)), (digits_resnet, (1, 8, 8))],
+                         ids=["merges", "digits-resnet"])
+@pytest.mark.parametrize("mode", ["paper", "tight"])
+@pytest.mark.parametrize("around", [False, True])
+def test_traced_graph_certificate_survives_estimates_on_C(net_fn, shape, mode, around):
+    from smoothchain.estimators import jacobian_norm, output_norm, second_derivative_norm
+
+    torch.manual_seed(1)
+    net = net_fn().double()
+    batch, radius, input_norm = 3, 0.3, 1.0
+    cert = certify(net, input_shape=shape, batch_size=batch, radius=radius, input_norm=input_norm, mode=mode,
+                   around_weights=around, loss="square")
+    b = cert.bounds
+    assert math.isfinite(b.smoothness) and cert.objective.step_size > 0
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn((batch,) + shape, generator=g, dtype=DT)
+    x = x * (input_norm / x.norm())
+    psi = functional_output(net, x)
+    centre = torch.cat([p.detach().reshape(-1) for p in net.parameters()]) if around else None
+    for i in range(2):
+        w = point_in_balls(net, radius, g, boundary=i == 0, centre=centre)
+        assert output_norm(psi, w).value <= b.output_bound * (1 + 1e-9)
+        assert jacobian_norm(psi, w, iters=30, seed=i).value <= b.lipschitz * (1 + 1e-9)
+        assert second_derivative_norm(psi, w, iters=6, seed=i, restarts=1, lanczos_iters=30, max_basis=8).value \
+            <= b.smoothness * (1 + 1e-9)
+
+
+def test_residual_block_graph_shape():
+    net = nn.Sequential(BasicBlock(4, 8, stride=2))  # projection shortcut inside a Sequential
+    g = graph_from_module(BasicBlock(4, 8, stride=2), (4, 6, 6), 2).graph
+    kinds = [n.kind for n in g.nodes]
+    assert kinds.count("sum") == 1 and kinds[-1] == "layer"  # the ReLU after the sum
+    (s,) = [n for n in g.nodes if n.kind == "sum"]
+    assert len(s.inputs) == 2 and s.inputs[0] != s.inputs[1]
+    assert certify(net, input_shape=(4, 6, 6), batch_size=2).bounds.output_bound > 0
+
+
+class Branchy(nn.Module):
+    def forward(self, x):
+        return x if x.sum() > 0 else -x
+
+
+class AddsAConstant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.fc(x) + 1.0
+
+
+class HoldsATensor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return x * self.w
+
+
+class HasAnLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.rnn = nn.Linear(3, 3), nn.GRUCell(3, 3)
+
+    def forward(self, x):
+        return self.rnn(self.fc(x)) + x
+
+
+@pytest.mark.parametrize("net, match", [
+    (Branchy(), "cannot trace Branchy with torch.fx"),
+    (AddsAConstant(), "has no rule in smoothchain"),
+    (HoldsATensor(), "reads the tensor 'w' directly"),
+], ids=["control-flow", "constant", "raw-parameter"])
+def test_untraceable_or_unsupported_is_one_clear_error(net, match):
+    with pytest.raises(ChainError, match=match):
+        certify(net, input_shape=(3,), batch_size=2)
+
+
+def test_unregistered_leaf_in_a_graph_names_it():
+    with pytest.raises(UnsupportedModuleError, match="'rnn'.*GRUCell.*register"):
+        certify(HasAnLSTM(), input_shape=(3,), batch_size=2)
+
+
+def test_cli_certifies_resnet18_from_torch_nn(capsys):
+    """The acceptance command on ResNet-18 written from torch.nn (torchvision's structure)."""
+    code = main(["certify", "--module", f"{ROOT / 'examples' / 'resnet.py'}:resnet18", "--input-shape",
+                 "3,224,224", "--batch-size", "128", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert isinstance(doc["chain"]["lipschitz"], float) and math.isfinite(doc["chain"]["lipschitz"])
+    assert doc["chain"]["smoothness"] == "inf"  # ReLU and max pooling: not C^1 (RH Sec. 5)
+    # stem (conv, batch-norm affine), 8 blocks (2 convs, 2 affines, the ReLU after the sum), 3
+    # projections (conv, affine), fc
+    assert len(doc["layers"]) == 2 + 8 * 5 + 3 * 2 + 1
+
+
+def test_torchvision_resnet18_certifies_as_it_is():
+    tv = pytest.importorskip("torchvision.models")
+    a = certify(tv.resnet18(), input_shape=(3, 224, 224), batch_size=4, mode="tight")
+    torch.manual_seed(0)
+    b = certify(ResNet(), input_shape=(3, 224, 224), batch_size=4, mode="tight")
+    assert a.bounds.layers and [r.name for r in a.bounds.layers] == [r.name for r in b.bounds.layers]
+    assert a.bounds.lipschitz == pytest.approx(b.bounds.lipschitz, rel=1e-12)  # paper/tight need no weights
+
+
+def test_check_on_a_graph_says_it_is_not_there_yet(capsys):
+    code = main(["check", "--module", f"{ROOT / 'examples' / 'resnet.py'}:digits_resnet", "--input-shape", "1,8,8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "skip connections" in err[0] and "certify" in err[0]
