@@ -232,8 +232,17 @@ def _module_graph(model: Any, not_a_chain: Exception, *, input_shape, batch_size
         if not p.is_meta and not bool(p.detach().isfinite().all()):
             raise ChainError(f"parameter {pname!r} has NaN or infinite entries; fix or re-initialise the model")
     warn_eval_batch_norms(list(model.named_modules()), stacklevel=5)
-    graph = graph_from_module(model, input_shape, batch_size, mode=mode, radius=radius, input_norm=input_norm,
-                              weight_norms=around_weights).graph
+    try:
+        graph = graph_from_module(model, input_shape, batch_size, mode=mode, radius=radius, input_norm=input_norm,
+                                  weight_norms=around_weights).graph
+    except UnsupportedModuleError:
+        raise
+    except ChainError:
+        if getattr(not_a_chain, "module_name", "<root>") != "<root>":
+            # the chain reader found one unregistered module inside: the clearer error, and the
+            # trace went wrong because of it (it traced into that module's forward)
+            raise not_a_chain from None
+        raise
     return graph.around_weights() if around_weights else graph
 
 

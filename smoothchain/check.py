@@ -341,14 +341,13 @@ def check(
             model, input_shape=input_shape, batch_size=batch_size, radius=radius, input_norm=input_norm, loss=loss,
             mode=mode, l2=l2, around_weights=around_weights, target_norm=target_norm,
         )
-        if not isinstance(cert.chain, Chain):  # read as a graph (skip connections)
-            raise ChainError(f"check estimates chains only so far; {type(model).__name__} has skip connections "
-                             "(a graph, docs/graphs.md): `smoothchain certify` certifies it")
+        if not isinstance(cert.chain, Chain) and mode == "local":  # pragma: no cover - certify_local refuses first
+            raise ChainError("local constants are for chains")
     model = copy.deepcopy(model).double()  # estimates in float64; the user's model is untouched
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((batch_size,) + tuple(input_shape), generator=gen, dtype=torch.float64)
     x = x * (input_norm / float(x.norm())) if float(x.norm()) > 0 else x
-    blocks, ends = layer_blocks(model, input_shape)
+    blocks, prefixes = _prefixes(model, input_shape, x, graph=mode != "local" and not isinstance(cert.chain, Chain))
     w_star = flat_parameters(model)
     centre = w_star if around_weights else torch.zeros_like(w_star)
     pts = [_random_point(centre, blocks, radius, gen, boundary=(i % 2 == 0)) for i in range(points)]
@@ -358,20 +357,22 @@ def check(
 
         cert = certify_local(model, x, y, loss=loss, radius=radius, l2=l2)
 
-    # what is estimated at every point: the objective, the whole chain, then each prefix psi_l
-    # that ends at a module boundary (a layer ending inside a module, e.g. batch norm before its
-    # affine part, has no module prefix and stays unestimated)
-    leaves = leaf_modules(model)
+    # what is estimated at every point: the objective, the whole network, then each prefix psi_l
+    # whose value some module or operation computes (a layer ending inside a module, e.g. batch
+    # norm before its affine part, has none and stays unestimated)
     n_rows = len(cert.bounds.layers)
+    if len(prefixes) != n_rows:  # pragma: no cover - the readers and the certificate agree
+        raise ChainError(f"{len(prefixes)} prefixes for {n_rows} certified layers")
     F = objective(model, x, y, loss=loss, l2=l2)
     targets: list[tuple[str, int | None, Callable]] = [("objective smoothness", None, partial(_objective_at_point, F))]
+    modules = dict(model.named_modules())
+    kinds = [_kind(modules, row.name) for row in cert.bounds.layers]
     for li in [n_rows - 1] + list(range(n_rows - 1)):
-        row = cert.bounds.layers[li]
-        if ends[li] < 0 or not (per_layer or li == n_rows - 1):
+        row, psi, kind = cert.bounds.layers[li], prefixes[li], kinds[li]
+        if psi is None or not (per_layer or li == n_rows - 1):
             continue
-        prefix = model if li == n_rows - 1 else nn.Sequential(*[m for _, m in leaves[:ends[li]]])
-        label = LayerCheck(row.index, row.name, {}, {}, _kind(dict(model.named_modules()), row.name)).label
-        targets.append((f"layer {row.index}/{n_rows} ({label})", li, partial(_chain_at_point, _prefix_map(model, prefix, x))))
+        label = LayerCheck(row.index, row.name, {}, {}, kind).label
+        targets.append((f"layer {row.index}/{n_rows} ({label})", li, partial(_chain_at_point, psi)))
     clock = _Clock(points, len(targets), started)
     deadline = None if budget is None else clock.start + budget
     search = _Search(centre, blocks, radius, ascent_steps, iters, seed, deadline)
@@ -398,12 +399,11 @@ def check(
         say(f"check: {stopped}; reporting what was found")
 
     say(f"check: {'stopped' if stopped else 'done'} after {_seconds(clock.elapsed())}")
-    modules = dict(model.named_modules())
     rows = []
     for li, row in enumerate(cert.bounds.layers):
         got = best.get(li, {})
         rows.append(LayerCheck(row.index, row.name, {k: getattr(row, k) for k in QUANTITIES},
-                               {k: got[k][0] if k in got else None for k in QUANTITIES}, _kind(modules, row.name)))
+                               {k: got[k][0] if k in got else None for k in QUANTITIES}, kinds[li]))
     full, obj = best.get(n_rows - 1, {}), best.get(None, {})
     certified = {k: getattr(cert.bounds, k) for k in QUANTITIES}
     certified["objective_smoothness"] = cert.objective.smoothness
@@ -413,6 +413,48 @@ def check(
     violations = _violations(rows, certified["objective_smoothness"], estimated["objective_smoothness"], tolerance)
     return CheckResult(cert, certified, estimated, tuple(rows), tuple(violations), tolerance, points, ascent_steps,
                        where, budget=budget, elapsed=clock.elapsed(), stopped=stopped)
+
+
+def _prefixes(model: nn.Module, input_shape, x: Tensor, *, graph: bool):
+    """The balls' slices of the flat weights (``flat_parameters`` order) and, per certified
+    layer, psi_l: its value as a function of the flat weights (None where no module or
+    operation computes it)."""
+    if not graph:
+        blocks, ends = layer_blocks(model, input_shape)
+        leaves = leaf_modules(model)
+        out = []
+        for li, end in enumerate(ends):
+            prefix = model if li == len(ends) - 1 else nn.Sequential(*[m for _, m in leaves[:end]])
+            out.append(None if end < 0 else _prefix_map(model, prefix, x))
+        return blocks, out
+    from .torch_graph import graph_from_module, prefix_module
+
+    mg = graph_from_module(model, tuple(input_shape), int(x.shape[0]))
+    offsets, pos = {}, 0
+    for name, p in model.named_parameters():
+        offsets[name] = (pos, pos + p.numel())
+        pos += p.numel()
+    blocks, out = [], []
+    for node, output, params in zip(mg.graph.nodes, mg.outputs, mg.params):
+        if node.layer is None:
+            continue
+        if params:
+            spans = sorted(offsets[n] for n in params)
+            if sum(b - a for a, b in spans) != spans[-1][1] - spans[0][0]:
+                raise ChainError(f"parameters of {node.name!r} are not contiguous in named_parameters order")
+            blocks.append(slice(spans[0][0], spans[-1][1]))
+        psi = None
+        if output:
+            cut = prefix_module(mg.module, output)
+            idx = torch.cat([torch.arange(*offsets[n]) for n, _ in cut.named_parameters()] or
+                            [torch.zeros(0, dtype=torch.long)])
+            inner, _ = functional_chain(cut, x)
+            psi = (lambda w, f=inner, idx=idx: f(w[idx]))
+        out.append(psi)
+    if sum(b.stop - b.start for b in blocks) != pos:
+        raise ChainError(f"{pos - sum(b.stop - b.start for b in blocks)} parameters belong to no bi-affine layer; "
+                         "cannot sample C")
+    return blocks, out
 
 
 def _prefix_map(model: nn.Module, prefix: nn.Module, x: Tensor) -> Callable[[Tensor], Tensor]:

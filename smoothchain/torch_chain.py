@@ -98,6 +98,12 @@ def convert(module: nn.Module, shape: tuple[int, ...]) -> list[Component] | None
 
 
 def _unsupported(name: str, module: nn.Module) -> UnsupportedModuleError:
+    err = _unsupported_error(name, module)
+    err.module_name = name  # "<root>" when the module itself is not a chain
+    return err
+
+
+def _unsupported_error(name: str, module: nn.Module) -> UnsupportedModuleError:
     return UnsupportedModuleError(
         f"unsupported module {name!r} of type {type(module).__module__}.{type(module).__qualname__}: "
         "smoothchain needs the constants of every component. Register them with "

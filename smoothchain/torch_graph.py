@@ -36,7 +36,7 @@ from .components import Component, build_layers
 from .graph import Concat, Graph, Merge, Node, Product, Sum
 from .torch_chain import _lookup, _meta_forward, _norms_at_weights, _unsupported, _weight_norm, convert
 
-__all__ = ["ModuleGraph", "graph_from_module"]
+__all__ = ["ModuleGraph", "graph_from_module", "prefix_module"]
 
 #: functional activations read as the module they compute
 _FUNCTIONAL = {
@@ -56,10 +56,29 @@ _CAT = {torch.cat, torch.concat}
 
 @dataclass(frozen=True)
 class ModuleGraph:
-    """The graph of a module and, per graph node, the fx node(s) it came from."""
+    """The graph of a module and, per graph node: the fx node(s) it came from (``sources``), the
+    fx node holding its value (``outputs``) and the names of its weights v_n in the module's
+    ``named_parameters`` (``params``; empty for merges and layers without weights); ``module``
+    is the traced ``fx.GraphModule`` (:func:`prefix_module` cuts it at a node)."""
 
     graph: Graph
     sources: tuple[str, ...]
+    outputs: tuple[str, ...] = ()
+    params: tuple[tuple[str, ...], ...] = ()
+    module: Any = None
+
+
+def prefix_module(gm: fx.GraphModule, output: str) -> fx.GraphModule:
+    """The traced module cut at fx node ``output``: what computes z_n (its parameters keep their
+    names; what does not lead to ``output`` is removed)."""
+    graph = copy.deepcopy(gm.graph)
+    target = next(n for n in graph.nodes if n.name == output)
+    old = next(n for n in graph.nodes if n.op == "output")
+    graph.erase_node(old)
+    graph.output(target)
+    cut = fx.GraphModule(gm, graph)  # the purity check of eliminate_dead_code needs an owner
+    cut.graph.eliminate_dead_code()
+    return fx.GraphModule(gm, cut.graph)  # holds only the submodules still used
 
 
 @dataclass
@@ -71,6 +90,8 @@ class _Pending:
     merge: Merge | None = None
     parts: list = field(default_factory=list)  # (component, input shape, name, module)
     open: bool = False  # a layer whose output only the next component reads (it may grow)
+    output: str = ""  # the fx node holding the node's value
+    params: tuple[str, ...] = ()  # its bi-affine part's parameters (qualified names)
 
 
 class _Tracer(fx.Tracer):
@@ -133,6 +154,7 @@ def graph_from_module(module: nn.Module, input_shape: Sequence[int], batch_size:
     values = _shapes(gm, shape0, max(int(batch_size), 2))
     modules = dict(gm.named_modules())
     pending: list[_Pending] = [_Pending("input", ())]
+    pending[0].output = next(n.name for n in gm.graph.nodes if n.op == "placeholder")
     where: dict[str, int] = {}  # fx node -> graph node holding its value
     sources: list[str] = ["input"]
     users = {n.name: len(n.users) for n in gm.graph.nodes}
@@ -150,9 +172,18 @@ def graph_from_module(module: nn.Module, input_shape: Sequence[int], batch_size:
                     pending[at].parts.append((part, shape, pname, mod))
                     sources[at] += f", {node.name}"
                 else:
-                    pending.append(_Pending(pname, (at,), parts=[(part, shape, pname, mod)], open=True))
+                    params = ()
+                    if part.role == "bilinear" and node.op == "call_module":
+                        own = ("weight", "bias") if pname.endswith(".affine") else None
+                        params = tuple(f"{node.target}.{n}" for n, p in mod.named_parameters(recurse=False)
+                                       if p is not None and (own is None or n in own))
+                    pending.append(_Pending(pname, (at,), parts=[(part, shape, pname, mod)], open=True,
+                                            params=params))
                     sources.append(node.name)
                     at = len(pending) - 1
+                # its value is inside the module until the module's last part (batch norm's
+                # normalisation before its affine part): no fx node holds it
+                pending[at].output = node.name if k == len(parts) - 1 else ""
             shape = tuple(part.output_shape(shape))
         if shape != shape_of(node):
             raise ChainError(f"node {node.name!r}: its components give shape {shape} but PyTorch gives "
@@ -170,7 +201,7 @@ def graph_from_module(module: nn.Module, input_shape: Sequence[int], batch_size:
     def merge(node: fx.Node, m: Merge, args: Sequence[fx.Node]) -> None:
         for a in args:
             pending[where[a.name]].open = False
-        pending.append(_Pending(node.name, tuple(where[a.name] for a in args), merge=m))
+        pending.append(_Pending(node.name, tuple(where[a.name] for a in args), merge=m, output=node.name))
         sources.append(node.name)
         where[node.name] = len(pending) - 1
 
@@ -216,7 +247,7 @@ def graph_from_module(module: nn.Module, input_shape: Sequence[int], batch_size:
                                 [n for _, _, n, _ in p.parts], norms, at_weights)
         nodes.append(Node(p.name, p.inputs, layer=layer))
     graph = Graph(tuple(nodes), input_norm=input_norm, radius=radius)
-    return ModuleGraph(graph, tuple(sources))
+    return ModuleGraph(graph, tuple(sources), tuple(p.output for p in pending), tuple(p.params for p in pending), gm)
 
 
 def _operation(node: fx.Node, tensor_args, add_components, merge, alias, shape_of) -> None:

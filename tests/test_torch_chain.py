@@ -512,7 +512,7 @@ def test_unsupported_module_names_it_and_the_registry(net, path, type_name):
     assert isinstance(info.value, ChainError)
 
 
-def test_unsupported_root_module():
+def test_a_root_module_that_is_not_a_chain_is_a_graph():
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
@@ -521,8 +521,19 @@ def test_unsupported_root_module():
         def forward(self, x):
             return torch.tanh(self.fc(x))
 
-    with pytest.raises(UnsupportedModuleError, match="Block.*register_module"):
-        certify(Block(), input_shape=(4,))
+    # not a chain: read by torch.fx as a graph (docs/graphs.md), the same certificate as the chain
+    torch.manual_seed(0)
+    block = Block()
+    seq = nn.Sequential(block.fc, nn.Tanh())
+    a, b = certify(block, input_shape=(4,), batch_size=3), certify(seq, input_shape=(4,), batch_size=3)
+    assert a.bounds.smoothness == pytest.approx(b.bounds.smoothness, rel=1e-12)
+
+    class Opaque(nn.Module):  # no registered part at all, and an operation without a rule
+        def forward(self, x):
+            return x.exp()
+
+    with pytest.raises(ChainError, match=r"\.exp\(\) has no rule"):
+        certify(Opaque(), input_shape=(4,))
 
 
 def test_registered_custom_module_certifies(registered_softsign):
