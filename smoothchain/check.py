@@ -444,10 +444,9 @@ def _prefixes(model: nn.Module, input_shape, x: Tensor, *, graph: bool):
                 raise ChainError(f"parameters of {node.name!r} are not contiguous in named_parameters order")
             blocks.append(slice(spans[0][0], spans[-1][1]))
         psi = None
-        if output:
-            cut = prefix_module(mg.module, output)
-            idx = torch.cat([torch.arange(*offsets[n]) for n, _ in cut.named_parameters()] or
-                            [torch.zeros(0, dtype=torch.long)])
+        cut = prefix_module(mg.module, output) if output else None
+        if cut is not None and any(True for _ in cut.parameters()):  # else z_n does not depend on w
+            idx = torch.cat([torch.arange(*offsets[n]) for n, _ in cut.named_parameters()])
             inner, _ = functional_chain(cut, x)
             psi = (lambda w, f=inner, idx=idx: f(w[idx]))
         out.append(psi)
