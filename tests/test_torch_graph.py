@@ -201,3 +201,41 @@ def test_cli_check_on_the_digits_resnet(capsys, tmp_path):
     assert code == 0 and doc["violations"] == [] and (tmp_path / "c.png").stat().st_size > 0
     ratios = [r["ratio"]["lipschitz"] for r in doc["layers"] if r["ratio"]["lipschitz"] is not None]
     assert ratios and all(0 < q <= 1 for q in ratios)
+
+
+# --------------------------------------------------------------------------- oracles on graphs
+def test_gradient_and_gauss_newton_steps_on_a_graph():
+    """RH Sec. 3 on graphs: the gradient step by autodiff equals torch.autograd's gradient, the
+    Gauss-Newton step by the dual (Prop. 3.5) equals the dense Gauss-Newton solve; the DP steps
+    say that they need a chain."""
+    from smoothchain.oracles import gauss_newton_step, gradient_step, newton_step
+
+    torch.manual_seed(3)
+    net = Merges().double()
+    x, y = torch.randn(5, 4, dtype=DT), torch.randint(0, 2, (5,))
+    g = gradient_step(net, x, y, loss="cross-entropy", l2=0.1, gamma=0.5, method="autodiff")
+    loss = nn.functional.cross_entropy(net(x), y) + 0.05 * sum(p.pow(2).sum() for p in net.parameters())
+    ref = torch.autograd.grad(loss, list(net.parameters()))
+    for d, r in zip(g.direction, ref):
+        torch.testing.assert_close(d, -0.5 * r, rtol=1e-10, atol=1e-12)
+    assert g.oracle_calls == 1
+    dual = gauss_newton_step(net, x, y, loss="cross-entropy", l2=0.1, gamma=0.5, method="dual")
+    dense = gauss_newton_step(net, x, y, loss="cross-entropy", l2=0.1, gamma=0.5, method="dense")
+    for a, b in zip(dual.direction, dense.direction):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    for call in (lambda: gradient_step(net, x, y, loss="cross-entropy", gamma=1.0),
+                 lambda: newton_step(net, x, y, loss="cross-entropy", gamma=1.0),
+                 lambda: gauss_newton_step(net, x, y, loss="cross-entropy", gamma=1.0, method="dp")):
+        with pytest.raises(TypeError, match="needs a chain.*Merges is not one.*use"):
+            call()
+
+
+@pytest.mark.parametrize("case", CHAINS[:3], ids=[c.id for c in CHAINS[:3]])
+def test_gradient_by_autodiff_equals_the_dp_on_chains(case):
+    from smoothchain.oracles import gradient_step
+
+    model, x, y = build(case)
+    a = gradient_step(model, x, y, loss=case.loss, l2=case.l2, gamma=0.3, method="autodiff")
+    b = gradient_step(model, x, y, loss=case.loss, l2=case.l2, gamma=0.3, method="dp")
+    for u, v in zip(a.direction, b.direction):
+        torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-12)

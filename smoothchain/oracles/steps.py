@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..losses import loss_function
-from .autodiff import LOSSES, SECOND_ORDER_LOSSES, OracleCounter
+from .autodiff import LOSSES, SECOND_ORDER_LOSSES, AutodiffOracle, OracleCounter, loss_grad
 from .dense import dense_gauss_newton, dense_gradient, dense_newton
 from .dual import gauss_newton_dual
 from .lq import assemble_lq, gradient_dp, solve_lq
@@ -80,6 +80,14 @@ def _check(model, loss: str, l2, gamma, method: str, methods: tuple[str, ...],
     return gamma, l2
 
 
+def _need_chain(model, what: str, instead: str) -> None:
+    """The dynamic programming of RH Algo. 4 runs over a chain: say so for anything else."""
+    if not isinstance(model, nn.Sequential):
+        raise TypeError(f"{what} by dynamic programming (RH Algo. 4) needs a chain (an nn.Sequential); "
+                        f"{type(model).__name__} is not one (a network with skip connections is a graph, "
+                        f"docs/graphs.md): use {instead}")
+
+
 def _result(direction, counter: OracleCounter, gamma: float, feasible: bool) -> StepResult:
     return StepResult([d.detach() for d in direction], counter.calls, float(gamma), bool(feasible))
 
@@ -91,11 +99,21 @@ def _by_dp(model, x, f, l2, gamma, kind, counter):
 
 
 def gradient_step(model, x, y, *, loss, l2=0.0, gamma, method="dp") -> StepResult:
-    """Gradient step (12): direction -gamma (grad (f o psi)(w_t) + l2 w_t); one oracle call by DP."""
-    gamma, l2 = _check(model, loss, l2, gamma, method, ("dp", "dense"))
+    """Gradient step (12): direction -gamma (grad (f o psi)(w_t) + l2 w_t); one oracle call.
+
+    ``method="dp"`` back-propagates layer by layer over the chain (RH Prop. 3.1, Algo. 2);
+    ``"autodiff"`` makes the same one call through any module, graphs with skip connections
+    included (RH Algo. 3's oracle, docs/graphs.md); ``"dense"`` builds the Jacobian (tests).
+    """
+    gamma, l2 = _check(model, loss, l2, gamma, method, ("dp", "autodiff", "dense"))
     f, counter = loss_function(loss, y, x), OracleCounter()
     if method == "dp":
+        _need_chain(model, "gradient_step", "method='autodiff'")
         direction = gradient_dp(model, x, f, l2, gamma, counter)
+    elif method == "autodiff":
+        oracle = AutodiffOracle(model, x, counter)
+        grads = oracle.backward(loss_grad(f, oracle.output))
+        direction = [-gamma * (g + l2 * w.detach()) for g, w in zip(grads, oracle.params)]
     else:
         direction = dense_gradient(model, x, f, l2, gamma, counter)
     return _result(direction, counter, gamma, True)
@@ -109,6 +127,7 @@ def gauss_newton_step(model, x, y, *, loss, l2=0.0, gamma, method="dual") -> Ste
         direction, _ = gauss_newton_dual(model, x, f, l2, gamma, counter)
         feasible = True
     elif method == "dp":
+        _need_chain(model, "gauss_newton_step(method='dp')", "method='dual' (Prop. 3.5, autodiff calls only)")
         direction, gamma, feasible = _by_dp(model, x, f, l2, gamma, "gauss-newton", counter)
     else:
         direction, feasible = dense_gauss_newton(model, x, f, l2, gamma, counter), True
@@ -120,6 +139,7 @@ def newton_step(model, x, y, *, loss, l2=0.0, gamma, method="dp") -> StepResult:
     gamma, l2 = _check(model, loss, l2, gamma, method, ("dp", "dense"), SECOND_ORDER_LOSSES)
     f, counter = loss_function(loss, y, x), OracleCounter()
     if method == "dp":
+        _need_chain(model, "newton_step", "method='dense' (small models) or gauss_newton_step(method='dual')")
         direction, gamma, feasible = _by_dp(model, x, f, l2, gamma, "newton", counter)
     else:
         direction, gamma, feasible = dense_newton(model, x, f, l2, gamma, counter)
