@@ -29,3 +29,17 @@ def emit(doc: dict, out: str | None = None) -> dict:
         with open(out, "w") as fh:
             fh.write(line + "\n")
     return doc
+
+
+def wall_times(cmd: list[str], repeats: int, *, cwd=None, quiet_stderr: bool = False) -> list[float]:
+    """Wall times of ``repeats`` runs of the command ``cmd`` (start-up included), stdout dropped."""
+    import subprocess
+    import time
+
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=cwd, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL if quiet_stderr else None)
+        times.append(time.perf_counter() - t0)
+    return times

@@ -10,21 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import time
+
+from _report import wall_times as wall  # benchmarks/_report.py (the script directory is on sys.path)
 
 CMD = [sys.executable, "-m", "smoothchain", "certify", "--model", "vgg16-smooth", "--batch-size", "128",
        "--radius", "1", "--input-norm", "1", "--constants", "paper", "--json"]
-
-
-def wall(cmd: list[str], repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def main() -> None:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from _report import wall_times  # benchmarks/_report.py (the script directory is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 CMD = [sys.executable, "-m", "smoothchain", "certify", "--module", "examples/resnet.py:resnet18", "--input-shape",
@@ -23,12 +23,7 @@ BUILD = [sys.executable, "-c", "import sys; sys.path.insert(0, 'examples'); impo
 
 
 def wall(cmd: list[str], repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return min(wall_times(cmd, repeats, cwd=ROOT))
 
 
 def main() -> None:

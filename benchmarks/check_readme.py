@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from _report import wall_times  # benchmarks/_report.py (the script directory is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = {
@@ -27,13 +27,7 @@ TARGET_S = 60.0
 
 
 def wall(args: list[str], repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "smoothchain", *args], check=True, cwd=ROOT,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return min(wall_times([sys.executable, "-m", "smoothchain", *args], repeats, cwd=ROOT, quiet_stderr=True))
 
 
 def main() -> None:

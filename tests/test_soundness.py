@@ -374,6 +374,12 @@ def run_case(case: Case, ascent_steps: int = 2) -> list[str]:
             measured += [(last, "lipschitz", at["lipschitz"]), (last, "smoothness", at["smoothness"])]
     measured.append((-1, "objective", objective_measure(F, (reached or points[1:])[0])))
 
+    return violations_of(certs, measured)
+
+
+def violations_of(certs: dict, measured: list[tuple[int, str, float]]) -> list[str]:
+    """Each measured value above its bound in each certificate (layer -1: the objective's L_F);
+    infinite bounds are skipped, a non-finite measure is a violation."""
     violations = []
     for mode, cert in certs.items():
         for li, k, val in measured:

@@ -32,7 +32,7 @@ from torch.func import jacrev
 from smoothchain import certify
 from smoothchain.check import _prefixes, _random_point
 from smoothchain.estimators import flat_parameters, objective
-from test_soundness import DT, MODES, RTOL, chain_measures, examples, objective_measure
+from test_soundness import DT, MODES, chain_measures, examples, objective_measure, violations_of
 
 N_CASES = 300
 ACTS = {"none": None, "relu": nn.ReLU, "softplus": nn.Softplus, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
@@ -169,16 +169,7 @@ def run_case(case: Case) -> list[str]:
         measured += [(last, k, meas[k]) for k in ("output_bound", "lipschitz", "smoothness")]
     F = objective(model, x, y, loss="square")
     measured += [(-1, "objective", objective_measure(F, w)) for w in points]
-    violations = []
-    for mode, cert in certs.items():
-        for li, k, val in measured:
-            bound = cert.objective.smoothness if li < 0 else getattr(cert.bounds.layers[li], k)
-            if math.isinf(bound):
-                continue
-            if not math.isfinite(val) or val > bound * (1 + RTOL) + 1e-12:
-                name = "objective" if li < 0 else f"layer {li + 1} ({cert.bounds.layers[li].name})"
-                violations.append(f"{mode}: {name} {k}: measured {val!r} > certified {bound!r}")
-    return violations
+    return violations_of(certs, measured)
 
 
 @examples(N_CASES)
