@@ -341,12 +341,20 @@ def check(
             model, input_shape=input_shape, batch_size=batch_size, radius=radius, input_norm=input_norm, loss=loss,
             mode=mode, l2=l2, around_weights=around_weights, target_norm=target_norm,
         )
-        if not isinstance(cert.chain, Chain) and mode == "local":  # pragma: no cover - certify_local refuses first
-            raise ChainError("local constants are for chains")
     model = copy.deepcopy(model).double()  # estimates in float64; the user's model is untouched
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((batch_size,) + tuple(input_shape), generator=gen, dtype=torch.float64)
     x = x * (input_norm / float(x.norm())) if float(x.norm()) > 0 else x
+    if mode == "local":
+        from .components import UnsupportedModuleError
+
+        try:
+            leaf_modules(model)
+        except UnsupportedModuleError as err:
+            if getattr(err, "module_name", "") != "<root>":
+                raise
+            raise ChainError(f"local constants (docs/local.md) are certified for chains; {type(model).__name__} "
+                             "has skip connections (docs/graphs.md): use --constants paper or tight") from None
     blocks, prefixes = _prefixes(model, input_shape, x, graph=mode != "local" and not isinstance(cert.chain, Chain))
     w_star = flat_parameters(model)
     centre = w_star if around_weights else torch.zeros_like(w_star)

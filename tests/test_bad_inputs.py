@@ -31,6 +31,41 @@ def three():
 
 def small():
     return torch.nn.Sequential(torch.nn.Linear(3, 2))
+
+
+class Skip(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        return x + torch.tanh(self.fc(x))
+
+
+def skip():
+    return Skip()
+
+
+class Branchy(torch.nn.Module):
+    def forward(self, x):
+        return x if x.sum() > 0 else -x
+
+
+def branchy():
+    return Branchy()
+
+
+class Plus1(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.fc(x) + 1.0
+
+
+def plus1():
+    return Plus1()
 '''
 
 ROWS = [
@@ -62,6 +97,9 @@ ROWS = [
     ("pl --module {d}/mods.py:small --data digits", "does not take the inputs of --data digits", "(64,)"),
     ("pl --module {d}/mods.py:small --input-shape 3 --data digits", "64 inputs", "(3,)"),
     ("check --model mlp --budget 0", "--budget", "> 0"),
+    ("check --module {d}/mods.py:skip --input-shape 3 --constants local --around-weights", "skip connections"),
+    ("certify --module {d}/mods.py:branchy --input-shape 3", "cannot trace Branchy", "control flow"),
+    ("certify --module {d}/mods.py:plus1 --input-shape 3", "has no rule", "docs/graphs.md"),
     ("check --model mlp --budget inf", "--budget", "finite"),
     ("train --nproc 0", "--nproc", ">= 1"),
     ("rates sgd", "required"),
