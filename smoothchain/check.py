@@ -49,7 +49,8 @@ QUANTITIES = ("output_bound", "lipschitz", "smoothness")
 
 @dataclass(frozen=True)
 class LayerCheck:
-    """Certified vs estimated m_l, l_l, L_l for the prefix ending at RH layer ``index``."""
+    """Certified vs estimated m_l, l_l, L_l for the prefix ending at RH layer ``index`` (for a
+    graph: at node ``index`` in topological order, a layer or a merge, ``kind`` saying which)."""
 
     index: int
     name: str
@@ -355,7 +356,10 @@ def check(
                 raise
             raise ChainError(f"local constants (docs/local.md) are certified for chains; {type(model).__name__} "
                              "has skip connections (docs/graphs.md): use --constants paper or tight") from None
-    blocks, prefixes = _prefixes(model, input_shape, x, graph=mode != "local" and not isinstance(cert.chain, Chain))
+    graph = mode != "local" and not isinstance(cert.chain, Chain)
+    blocks, prefixes = _prefixes(model, input_shape, x, graph=graph)
+    # the table: a chain's layers (RH Prop. 4.4), or a graph's nodes in topological order
+    table = list(cert.bounds.nodes[1:]) if graph else list(cert.bounds.layers)
     w_star = flat_parameters(model)
     centre = w_star if around_weights else torch.zeros_like(w_star)
     pts = [_random_point(centre, blocks, radius, gen, boundary=(i % 2 == 0)) for i in range(points)]
@@ -368,19 +372,21 @@ def check(
     # what is estimated at every point: the objective, the whole network, then each prefix psi_l
     # whose value some module or operation computes (a layer ending inside a module, e.g. batch
     # norm before its affine part, has none and stays unestimated)
-    n_rows = len(cert.bounds.layers)
+    n_rows = len(table)
     if len(prefixes) != n_rows:  # pragma: no cover - the readers and the certificate agree
-        raise ChainError(f"{len(prefixes)} prefixes for {n_rows} certified layers")
+        raise ChainError(f"{len(prefixes)} prefixes for {n_rows} certified rows")
     F = objective(model, x, y, loss=loss, l2=l2)
     targets: list[tuple[str, int | None, Callable]] = [("objective smoothness", None, partial(_objective_at_point, F))]
     modules = dict(model.named_modules())
-    kinds = [_kind(modules, row.name) for row in cert.bounds.layers]
+    kinds = [row.kind if getattr(row, "kind", "layer") not in ("layer", "input") else _kind(modules, row.name)
+             for row in table]
     for li in [n_rows - 1] + list(range(n_rows - 1)):
-        row, psi, kind = cert.bounds.layers[li], prefixes[li], kinds[li]
+        row, psi, kind = table[li], prefixes[li], kinds[li]
         if psi is None or not (per_layer or li == n_rows - 1):
             continue
         label = LayerCheck(row.index, row.name, {}, {}, kind).label
-        targets.append((f"layer {row.index}/{n_rows} ({label})", li, partial(_chain_at_point, psi)))
+        targets.append((f"{'node' if graph else 'layer'} {row.index}/{n_rows} ({label})", li,
+                        partial(_chain_at_point, psi)))
     clock = _Clock(points, len(targets), started)
     deadline = None if budget is None else clock.start + budget
     search = _Search(centre, blocks, radius, ascent_steps, iters, seed, deadline)
@@ -408,7 +414,7 @@ def check(
 
     say(f"check: {'stopped' if stopped else 'done'} after {_seconds(clock.elapsed())}")
     rows = []
-    for li, row in enumerate(cert.bounds.layers):
+    for li, row in enumerate(table):
         got = best.get(li, {})
         rows.append(LayerCheck(row.index, row.name, {k: getattr(row, k) for k in QUANTITIES},
                                {k: got[k][0] if k in got else None for k in QUANTITIES}, kinds[li]))
@@ -424,9 +430,10 @@ def check(
 
 
 def _prefixes(model: nn.Module, input_shape, x: Tensor, *, graph: bool):
-    """The balls' slices of the flat weights (``flat_parameters`` order) and, per certified
-    layer, psi_l: its value as a function of the flat weights (None where no module or
-    operation computes it)."""
+    """The balls' slices of the flat weights (``flat_parameters`` order) and, per row of the
+    table -- a chain's layers, a graph's nodes after the input -- its value psi as a function of
+    the flat weights (None where no module or operation computes it, or it depends on no
+    weight)."""
     if not graph:
         blocks, ends = layer_blocks(model, input_shape)
         leaves = leaf_modules(model)
@@ -443,9 +450,7 @@ def _prefixes(model: nn.Module, input_shape, x: Tensor, *, graph: bool):
         offsets[name] = (pos, pos + p.numel())
         pos += p.numel()
     blocks, out = [], []
-    for node, output, params in zip(mg.graph.nodes, mg.outputs, mg.params):
-        if node.layer is None:
-            continue
+    for node, output, params in zip(mg.graph.nodes[1:], mg.outputs[1:], mg.params[1:]):
         if params:
             spans = sorted(offsets[n] for n in params)
             if sum(b - a for a, b in spans) != spans[-1][1] - spans[0][0]:

@@ -377,17 +377,19 @@ def run_case(case: Case, ascent_steps: int = 2) -> list[str]:
     return violations_of(certs, measured)
 
 
-def violations_of(certs: dict, measured: list[tuple[int, str, float]]) -> list[str]:
-    """Each measured value above its bound in each certificate (layer -1: the objective's L_F);
-    infinite bounds are skipped, a non-finite measure is a violation."""
+def violations_of(certs: dict, measured: list[tuple[int, str, float]], rows=lambda cert: cert.bounds.layers) -> list[str]:
+    """Each measured value above its bound in each certificate (row -1: the objective's L_F;
+    ``rows`` gives a certificate's table: a chain's layers, or a graph's nodes); infinite bounds
+    are skipped, a non-finite measure is a violation."""
     violations = []
     for mode, cert in certs.items():
+        table = rows(cert)
         for li, k, val in measured:
-            bound = cert.objective.smoothness if li < 0 else getattr(cert.bounds.layers[li], k)
+            bound = cert.objective.smoothness if li < 0 else getattr(table[li], k)
             if math.isinf(bound):
                 continue
             if not math.isfinite(val) or val > bound * (1 + RTOL) + 1e-12:
-                name = "objective" if li < 0 else f"layer {li + 1} ({cert.bounds.layers[li].name})"
+                name = "objective" if li < 0 else f"row {li + 1} ({table[li].name})"
                 violations.append(f"{mode}: {name} {k}: measured {val!r} > certified {bound!r}")
     return violations
 

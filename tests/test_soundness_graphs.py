@@ -10,7 +10,7 @@ at 0 (RH Prop. 4.4) or at the weights (RH Cor. 4.5).  Each case is certified in 
 modes and measured on C as tests/test_soundness.py measures chains: at a point on the boundary
 of every ball and one inside, ||psi(w)||, ||grad psi(w)||_op (SVD of the dense Jacobian, exact)
 and a lower bound of ||grad^2 psi(w)||_{2,2,2} for the whole network, ||z_n|| and ||grad z_n||
-for every layer node whose value an operation computes (at the first point), and the
+for every node (layers and merges) whose value an operation computes (at the first point), and the
 objective's top |Hessian eigenvalue| (dense, exact).  Every value is attained at a point of C,
 so ``measured <= certified * (1 + RTOL)`` must hold; infinite bounds (ReLU) are skipped for that
 quantity.  ``N_CASES`` >= 300 in the default profile, ten times more with
@@ -169,7 +169,7 @@ def run_case(case: Case) -> list[str]:
         measured += [(last, k, meas[k]) for k in ("output_bound", "lipschitz", "smoothness")]
     F = objective(model, x, y, loss="square")
     measured += [(-1, "objective", objective_measure(F, w)) for w in points]
-    return violations_of(certs, measured)
+    return violations_of(certs, measured, rows=lambda cert: cert.bounds.nodes[1:])
 
 
 @examples(N_CASES)

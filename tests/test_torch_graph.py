@@ -204,6 +204,8 @@ def test_check_on_graphs_finds_no_violation(net_fn, shape, around):
         for k, v in r.estimated.items():
             assert 0 < v <= r.certified[k] * (1 + 1e-9), (r.name, k)
     assert 0 < res.estimated["objective_smoothness"] <= res.certified["objective_smoothness"]
+    merges = [r for r in res.layers if r.kind in ("sum", "concat", "product")]
+    assert merges and all(r.estimated["output_bound"] is not None for r in merges)  # a row per merge node
 
 
 def test_cli_check_on_the_digits_resnet(capsys, tmp_path):
