@@ -483,7 +483,7 @@ def _kind(modules: dict[str, nn.Module], name: str) -> str:
     if name in modules:
         return type(modules[name]).__name__
     base, _, part = name.rpartition(".")
-    return f"{type(modules[base]).__name__} {part}" if base in modules else ""
+    return f"{type(modules[base]).__name__} {part}" if base and base in modules else ""
 
 
 def _random_targets(model, x, loss: str, target_norm: float, gen) -> torch.Tensor:
