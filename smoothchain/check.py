@@ -547,7 +547,7 @@ def plot_check(result: CheckResult, path) -> None:
                            fontsize=7)
         ax.set_title(title, fontsize=10)
     done = "" if result.stopped is None else f"; stopped early: {result.stopped}"
-    fig.suptitle(f"certified vs estimated on C ({result.certificate.mode} constants, {result.points} points + ascent"
+    fig.suptitle(f"certified vs estimated on C ({result.certificate.mode} constants, {result.points} point{'s' if result.points != 1 else ''} + ascent"
                  f"{done})", fontsize=11)
     legend_below(fig, *axes[0].get_legend_handles_labels(), ncol=2)
     save_figure(fig, path, dpi=110)
