@@ -358,8 +358,6 @@ def check(
                              "has skip connections (docs/graphs.md): use --constants paper or tight") from None
     graph = mode != "local" and not isinstance(cert.chain, Chain)
     blocks, prefixes = _prefixes(model, input_shape, x, graph=graph)
-    # the table: a chain's layers (RH Prop. 4.4), or a graph's nodes in topological order
-    table = list(cert.bounds.nodes[1:]) if graph else list(cert.bounds.layers)
     w_star = flat_parameters(model)
     centre = w_star if around_weights else torch.zeros_like(w_star)
     pts = [_random_point(centre, blocks, radius, gen, boundary=(i % 2 == 0)) for i in range(points)]
@@ -368,6 +366,8 @@ def check(
         from .local import certify_local
 
         cert = certify_local(model, x, y, loss=loss, radius=radius, l2=l2)
+    # the table: a chain's layers (RH Prop. 4.4), or a graph's nodes in topological order
+    table = list(cert.bounds.nodes[1:]) if graph else list(cert.bounds.layers)
 
     # what is estimated at every point: the objective, the whole network, then each prefix psi_l
     # whose value some module or operation computes (a layer ending inside a module, e.g. batch
