@@ -29,6 +29,7 @@ from torch.func import grad, jvp
 
 from .certificate import Certificate, certify
 from .chain import Chain, ChainError
+from .components import layer_spans
 from .estimators import (
     ESTIMATOR_LOSSES,
     flat_parameters,
@@ -40,7 +41,7 @@ from .estimators import (
     second_derivative_norm,
 )
 from .spec import json_number
-from .torch_chain import components_from_module, leaf_modules
+from .torch_chain import components_from_module, leaf_modules, module_layers
 
 __all__ = ["CheckResult", "LayerCheck", "check", "layer_blocks"]
 
@@ -116,39 +117,39 @@ class CheckResult:
 def layer_blocks(model: nn.Module, input_shape: Sequence[int]) -> tuple[list[slice], list[int]]:
     """Flat-vector slices of each RH layer's parameters (``flat_parameters`` order).
 
-    Also returns, for each RH layer, the number of leading leaf modules that end it (or -1 when
-    the layer ends inside a module, e.g. batch norm followed by its affine part).
+    The layers are those of the component chain (:func:`~smoothchain.components.layer_spans` of
+    :func:`~smoothchain.torch_chain.components_from_module`); a layer opened by a bi-affine
+    component owns the parameters of that component's module
+    (:func:`~smoothchain.torch_chain.module_layers`).  Also returns, for each RH layer, the number
+    of leading leaf modules that end it (or -1 when the layer ends inside a module, e.g. batch
+    norm followed by its affine part).
     """
     mc = components_from_module(model, input_shape)
-    leaves, leaf_of = mc.leaves, mc.leaf_index  # component i comes from leaves[leaf_of[i]]
+    leaf_of = mc.leaf_index  # component i comes from leaf leaf_of[i]
+    spans = layer_spans(mc.components)
     offsets, pos = {}, 0
     for _, p in model.named_parameters():
         offsets[id(p)] = (pos, pos + p.numel())
         pos += p.numel()
+    owned = {group.positions[0]: group for group in module_layers(model).layers}
     blocks: list[slice] = []
     ends: list[int] = []
-    bil = [i for i, c in enumerate(mc.components) if c.role == "bilinear"]
-    first_nonlinear = next((i for i, c in enumerate(mc.components) if c.role == "nonlinear"), None)
-    starts = ([0] if first_nonlinear is not None and (not bil or first_nonlinear < bil[0]) else []) + bil
-    for k, start in enumerate(starts):
-        leaf = leaves[leaf_of[start]][1]
-        if mc.components[start].role == "bilinear":
-            names = ("weight", "bias") if mc.names[start].endswith(".affine") else None
-            params = [p for n, p in leaf.named_parameters(recurse=False) if names is None or n in names]
-            spans = sorted(offsets[id(p)] for p in params if p is not None)
-            lo, hi = spans[0][0], spans[-1][1]
-            if sum(b - a for a, b in spans) != hi - lo:
+    for k, span in enumerate(spans):
+        start = span.start
+        if mc.components[start].role == "bilinear" and leaf_of[start] in owned:
+            spans_p = sorted(offsets[id(p)] for _, p in owned.pop(leaf_of[start]).params)
+            lo, hi = spans_p[0][0], spans_p[-1][1]
+            if sum(b - a for a, b in spans_p) != hi - lo:
                 raise ChainError(f"parameters of {mc.names[start]!r} are not contiguous in named_parameters order")
             blocks.append(slice(lo, hi))
         else:
             blocks.append(slice(0, 0))
-        nxt = starts[k + 1] if k + 1 < len(starts) else len(mc.components)
-        last_leaf = leaf_of[nxt - 1] if nxt >= 1 else len(leaves) - 1
-        same_leaf_next = nxt < len(mc.components) and leaf_of[nxt] == last_leaf
+        last_leaf = leaf_of[span.stop - 1]
+        same_leaf_next = span.stop < len(mc.components) and leaf_of[span.stop] == last_leaf
         ends.append(-1 if same_leaf_next else last_leaf + 1)
-    covered = sum(b.stop - b.start for b in blocks)
-    if covered != pos:
-        raise ChainError(f"{pos - covered} parameters belong to no bi-affine layer; cannot sample C")
+    if owned:
+        names = ", ".join(repr(g.modules[0][0]) for g in owned.values())
+        raise ChainError(f"the parameters of {names} belong to no bi-affine layer; cannot sample C")
     return blocks, ends
 
 

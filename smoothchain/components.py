@@ -53,6 +53,7 @@ __all__ = [
     "Identity",
     "Custom",
     "build_layers",
+    "layer_spans",
     "propagate_shapes",
     "SIGMOID_SMOOTHNESS",
     "BATCHNORM_SMOOTHNESS_FACTOR",
@@ -1138,6 +1139,20 @@ def propagate_shapes(components: Sequence[Component], input_shape: Sequence[int]
     return shapes
 
 
+def layer_spans(components: Sequence[Component]) -> list[range]:
+    """The components of each RH layer (Def. 2.1, eq. 7), as index ranges: a bi-affine component
+    opens a layer and the ones after it, up to the next bi-affine one, join it; non-linear
+    components before the first bi-affine one open a parameter-free layer (b = identity).
+    Leading shape-only components belong to no layer."""
+    for i, comp in enumerate(components):
+        if comp.role not in ("bilinear", "nonlinear", "shape"):
+            raise ChainError(f"component {comp.label!r} (number {i}) has unknown role {comp.role!r}")
+    bil = [i for i, c in enumerate(components) if c.role == "bilinear"]
+    first = next((i for i, c in enumerate(components) if c.role == "nonlinear"), None)
+    starts = ([first] if first is not None and (not bil or first < bil[0]) else []) + bil
+    return [range(a, b) for a, b in zip(starts, starts[1:] + [len(components)])]
+
+
 def build_layers(
     components: Sequence[Component],
     shapes: Sequence[tuple[int, ...]],
@@ -1147,35 +1162,33 @@ def build_layers(
     weight_norms: Sequence[float | None] | None = None,
     norms_at_weights: Sequence["WeightNorms | None"] | None = None,
 ) -> list[Layer]:
-    """Group components into RH layers (Def. 2.1, eq. 7) with their constants.
+    """RH layers (Def. 2.1, eq. 7) with their constants, grouped by :func:`layer_spans`.
 
-    ``shapes[i]`` is the input shape of ``components[i]``.  A bi-affine component opens a layer;
-    non-linear components join the current one.  Non-linear components before the first
-    bi-affine one form a parameter-free layer with b = identity (l_beta^z = 1).
-    ``weight_norms[i]`` is the norm of the parameters of bi-affine component i (RH Cor. 4.5);
-    ``norms_at_weights[i]`` its :class:`WeightNorms`, used in ``tight`` mode only (``paper``
-    keeps Cor. 4.5 as printed).
+    ``shapes[i]`` is the input shape of ``components[i]``.  A parameter-free first layer has
+    b = identity (l_beta^z = 1).  ``weight_norms[i]`` is the norm of the parameters of bi-affine
+    component i (RH Cor. 4.5); ``norms_at_weights[i]`` its :class:`WeightNorms`, used in
+    ``tight`` mode only (``paper`` keeps Cor. 4.5 as printed).
     """
     _check_mode(mode)
     if batch_size < 1:
         raise ChainError(f"batch size must be >= 1, got {batch_size}")
     layers: list[Layer] = []
-    current = None  # [bilinear, [nonlinear...], name, weight_norm, WeightNorms | None]
-    for i, comp in enumerate(components):
-        role = comp.role
-        name = names[i] if names is not None else comp.label
-        if role == "shape":
-            continue
-        consts = comp.constants(shapes[i], batch_size, mode)
-        if role == "bilinear":
-            if not isinstance(consts, BilinearConstants):
-                raise ChainError(f"component {name!r} is bi-affine but its constants are {type(consts).__name__}")
-            if current is not None:
-                layers.append(_layer(*current))
-            wn = weight_norms[i] if weight_norms is not None else None
-            at = norms_at_weights[i] if norms_at_weights is not None and mode == "tight" else None
-            current = [consts, [], name, wn, at]
-        elif role == "nonlinear":
+    for span in layer_spans(components):
+        current = None  # [bilinear, [nonlinear...], name, weight_norm, WeightNorms | None]
+        for i in span:
+            comp = components[i]
+            role = comp.role
+            name = names[i] if names is not None else comp.label
+            if role == "shape":
+                continue
+            consts = comp.constants(shapes[i], batch_size, mode)
+            if role == "bilinear":
+                if not isinstance(consts, BilinearConstants):
+                    raise ChainError(f"component {name!r} is bi-affine but its constants are {type(consts).__name__}")
+                wn = weight_norms[i] if weight_norms is not None else None
+                at = norms_at_weights[i] if norms_at_weights is not None and mode == "tight" else None
+                current = [consts, [], name, wn, at]
+                continue
             if not isinstance(consts, ComponentConstants):
                 raise ChainError(f"component {name!r} is non-linear but its constants are {type(consts).__name__}")
             if current is None:
@@ -1185,9 +1198,6 @@ def build_layers(
                     consts.bound, consts.lipschitz, consts.smoothness, consts.value_at_zero, consts.jacobian_at_zero, name
                 )
             current[1].append(consts)
-        else:
-            raise ChainError(f"component {name!r} has unknown role {role!r}")
-    if current is not None:
         layers.append(_layer(*current))
     if not layers:
         raise ChainError("the model has no layer with parameters or non-linear part to certify")

@@ -34,6 +34,9 @@ __all__ = [
     "ModuleChain",
     "components_from_module",
     "leaf_modules",
+    "ModuleLayer",
+    "ModuleLayers",
+    "module_layers",
     "convert",
     "resolve_torch_type",
     "torch_module",
@@ -142,6 +145,63 @@ def leaf_modules(module: nn.Module, prefix: str = "", *, strict: bool = True) ->
     if not strict:
         return [(prefix or type(module).__name__, module)]
     raise _unsupported(prefix or "<root>", module)
+
+
+@dataclass(frozen=True)
+class ModuleLayer:
+    """One RH layer phi_l(v_l, z_{l-1}) (Def. 2.1) at the level of modules: the leaf owning v_l
+    first, then the parameter-free leaves that follow it.
+
+    ``modules`` are (qualified name, module) pairs of :func:`leaf_modules`, ``positions`` their
+    indices among its leaves, ``params`` the first module's (name, parameter) pairs in
+    ``named_parameters`` order, so that v_l is their flat concatenation.
+    """
+
+    modules: tuple[tuple[str, nn.Module], ...]
+    positions: tuple[int, ...]
+    params: tuple[tuple[str, nn.Parameter], ...]
+
+    @property
+    def owner(self) -> nn.Module:
+        return self.modules[0][1]
+
+
+@dataclass(frozen=True)
+class ModuleLayers:
+    """A chain-like module as ``pre`` (parameter-free leaves before the first layer: z_0 = pre(x))
+    and its :class:`ModuleLayer` s; (v_1; ...; v_tau) is ``model.parameters()`` flattened."""
+
+    pre: tuple[tuple[str, nn.Module], ...]
+    layers: tuple[ModuleLayer, ...]
+
+
+def module_layers(model: nn.Module) -> ModuleLayers:
+    """The one grouping of :func:`leaf_modules` (``strict=False``) into RH layers by parameter
+    ownership: a leaf owning parameters opens a layer, the parameter-free leaves after it join it.
+
+    This is the module-level view of the chain that the oracles (functional calls per layer) and
+    DSGD (F's Linear + activation layers) work on; :func:`components_from_module` is the
+    component-level view (a batch norm's normalisation and affine part are two components of one
+    leaf, so a layer of components may end inside a module).  Raises ``ValueError`` when a module
+    is used twice or parameters are shared: the parameters are then no chain of layers.
+    """
+    pre: list[tuple[str, nn.Module]] = []
+    groups: list[tuple[list, list]] = []  # (modules, positions)
+    for pos, (name, mod) in enumerate(leaf_modules(model, strict=False)):
+        if any(True for _ in mod.parameters()):
+            groups.append(([(name, mod)], [pos]))
+        elif groups:
+            groups[-1][0].append((name, mod))
+            groups[-1][1].append(pos)
+        else:
+            pre.append((name, mod))
+    layers = tuple(ModuleLayer(tuple(mods), tuple(pos), tuple(mods[0][1].named_parameters()))
+                   for mods, pos in groups)
+    flat = [p for layer in layers for _, p in layer.params]
+    model_params = list(model.parameters())
+    if len(flat) != len(model_params) or any(a is not b for a, b in zip(flat, model_params)):
+        raise ValueError("a module is used twice or parameters are shared: not a chain of layers")
+    return ModuleLayers(tuple(pre), layers)
 
 
 class BatchStatisticsWarning(UserWarning):

@@ -165,6 +165,47 @@ def test_builtin_as_meta_module_certifies_like_the_component_list(meta_builtins,
         assert_same_table(_rows(from_module), _rows(from_name))
 
 
+@pytest.mark.parametrize("name", [n for n, _ in BUILTINS])
+def test_the_two_layer_views_agree_on_every_builtin(meta_builtins, name):
+    """module_layers (oracles, DSGD) and the component chain's layers (check.layer_blocks) give
+    every layer the same parameters; the reference groups named_parameters by module name."""
+    from smoothchain.check import layer_blocks
+    from smoothchain.torch_chain import leaf_modules, module_layers
+
+    module = meta_builtins[name]
+    per_module: dict[str, int] = {}
+    for pname, p in module.named_parameters():
+        owner = pname.rpartition(".")[0]
+        per_module[owner] = per_module.get(owner, 0) + p.numel()
+    parsed = module_layers(module)
+    assert [sum(p.numel() for _, p in g.params) for g in parsed.layers] == list(per_module.values())
+    assert [g.modules[0][0] for g in parsed.layers] == list(per_module)
+    # the groups are consecutive runs of the one walk
+    walk = [n for n, _ in leaf_modules(module)]
+    assert [n for n, _ in parsed.pre] + [n for g in parsed.layers for n, _ in g.modules] == walk
+    assert [p for g in parsed.layers for p in g.positions] == list(range(len(parsed.pre), len(walk)))
+    blocks, _ = layer_blocks(module, builtin(name, bn_eps=BN_EPS).input_shape)
+    sizes = [b.stop - b.start for b in blocks if b.stop > b.start]
+    assert sizes == list(per_module.values())
+    assert blocks[-1].stop == sum(per_module.values())
+
+
+def test_module_layers_groups_by_parameter_ownership():
+    from smoothchain.torch_chain import module_layers
+
+    model = nn.Sequential(nn.Flatten(), nn.ReLU(), nn.Sequential(nn.Linear(4, 3), nn.Tanh()),
+                          nn.BatchNorm1d(3), nn.Identity(), nn.Linear(3, 2, bias=False))
+    parsed = module_layers(model)
+    assert [n for n, _ in parsed.pre] == ["0", "1"]
+    assert [[n for n, _ in g.modules] for g in parsed.layers] == [["2.0", "2.1"], ["3", "4"], ["5"]]
+    assert [[n for n, _ in g.params] for g in parsed.layers] == [["weight", "bias"], ["weight", "bias"], ["weight"]]
+    assert [g.positions for g in parsed.layers] == [(2, 3), (4, 5), (6,)]
+    shared = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="used twice"):
+        module_layers(nn.Sequential(shared, nn.Tanh(), shared))
+    assert module_layers(nn.Sequential(nn.Tanh())).layers == ()
+
+
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 @pytest.mark.parametrize("mode", MODES)
 def test_builtin_with_real_weights_certifies_like_the_component_list(name, mode):

@@ -50,7 +50,7 @@ from torch import nn
 
 from ..losses import f_loss_constants, squared_error
 from ..components import Elementwise, Sigmoid, Tanh
-from ..torch_chain import convert, leaf_modules
+from ..torch_chain import convert, module_layers
 from .norms import check_q, matrix_norm
 
 __all__ = [
@@ -118,7 +118,8 @@ def _activation_constants(mod: nn.Module, width: int) -> ActivationConstants | N
 
 
 def parse_model(model: nn.Module) -> list[LayerSpec]:
-    """Read an ``nn.Sequential`` of (``nn.Linear``, bounded activation) pairs.
+    """Read an ``nn.Sequential`` of (``nn.Linear``, bounded activation) pairs: the layers of
+    :func:`smoothchain.torch_chain.module_layers`, checked against F Assumption 4.1 (i).
 
     ``nn.Flatten`` may precede the first Linear and ``nn.Identity`` may appear anywhere.  Raises
     ``ValueError`` naming the offending module when F Assumption 4.1 (i) fails: an unbounded or
@@ -129,46 +130,51 @@ def parse_model(model: nn.Module) -> list[LayerSpec]:
         raise ValueError(
             f"DSGD needs an nn.Sequential of nn.Linear layers each followed by a bounded "
             f"activation (F Sec. 4), got {type(model).__name__}")
-    leaves = [mod for _, mod in leaf_modules(model, strict=False)]
+    parsed = module_layers(model)
+
+    def where(pos: int, mod: nn.Module) -> str:
+        return f"module {pos} ({type(mod).__name__})"
+
+    for pos, (_, mod) in enumerate(parsed.pre):
+        if not isinstance(mod, _NEUTRAL + (nn.Flatten,)):
+            raise ValueError(f"{where(pos, mod)}: activation without a preceding Linear layer")
+    if not parsed.layers:
+        raise ValueError("the model has no nn.Linear layer")
     layers: list[LayerSpec] = []
-    pending: nn.Linear | None = None
-    for pos, mod in enumerate(leaves):
-        where = f"module {pos} ({type(mod).__name__})"
-        if isinstance(mod, _NEUTRAL):
-            continue
-        if isinstance(mod, nn.Flatten):
-            if layers or pending is not None:
-                raise ValueError(f"{where}: Flatten is only supported before the first Linear")
-            continue
-        if isinstance(mod, nn.Linear):
-            if pending is not None:
+    for k, group in enumerate(parsed.layers):
+        index, lin = k + 1, group.owner
+        if not isinstance(lin, nn.Linear):
+            raise ValueError(f"{where(group.positions[0], lin)} owns parameters but is not an nn.Linear: "
+                             f"DSGD (F Sec. 4) takes nn.Linear layers each followed by a bounded activation")
+        rest = [(pos, mod) for pos, (_, mod) in zip(group.positions[1:], group.modules[1:])
+                if not isinstance(mod, _NEUTRAL)]
+        for j, (pos, mod) in enumerate(rest):
+            if isinstance(mod, nn.Flatten):
+                raise ValueError(f"{where(pos, mod)}: Flatten is only supported before the first Linear")
+            if j > 0:
+                raise ValueError(f"{where(pos, mod)}: activation without a preceding Linear layer")
+        if not rest:
+            if k + 1 == len(parsed.layers):
                 raise ValueError(
-                    f"{where}: Linear layer {len(layers) + 1} is not followed by a bounded "
-                    f"activation (F Assumption 4.1 i needs |sigma| <= 1 after every layer)")
-            pending = mod
-            continue
-        if pending is None:
-            raise ValueError(f"{where}: activation without a preceding Linear layer")
-        act = _activation_constants(mod, pending.out_features)
+                    f"Linear layer {index} (the last) has no bounded activation after it: the "
+                    f"output is unbounded, so F Assumption 4.1 (i) and the bounds d_q1, d_q2 fail")
+            nxt = parsed.layers[k + 1]
+            raise ValueError(
+                f"{where(nxt.positions[0], nxt.owner)}: Linear layer {index} is not followed by a bounded "
+                f"activation (F Assumption 4.1 i needs |sigma| <= 1 after every layer)")
+        pos, mod = rest[0]
+        act = _activation_constants(mod, lin.out_features)
         if act is None:
             raise ValueError(
-                f"{where} is not a supported bounded activation: F Assumption 4.1 (i) needs "
+                f"{where(pos, mod)} is not a supported bounded activation: F Assumption 4.1 (i) needs "
                 f"|sigma| <= 1 with bounded sigma', sigma'' (built in: "
                 f"{', '.join(t.__name__ for t in ACTIVATIONS)}; declare others as one "
                 f"smoothchain.components.Elementwise class, docs/registry.md)")
         if not (0.0 <= act.bound <= 1.0) or not (math.isfinite(act.d1) and math.isfinite(act.d2)):
-            raise ValueError(f"{where}: activation {act.name} has sup|sigma| = {act.bound}, sup|sigma'| = "
-                             f"{act.d1}, sup|sigma''| = {act.d2}; F Assumption 4.1 (i) needs |sigma| <= 1 "
-                             f"and bounded derivatives")
-        layers.append(LayerSpec(len(layers) + 1, pending, act, pending.in_features,
-                                pending.out_features, pending.bias is not None))
-        pending = None
-    if pending is not None:
-        raise ValueError(
-            f"Linear layer {len(layers) + 1} (the last) has no bounded activation after it: the "
-            f"output is unbounded, so F Assumption 4.1 (i) and the bounds d_q1, d_q2 fail")
-    if not layers:
-        raise ValueError("the model has no nn.Linear layer")
+            raise ValueError(f"{where(pos, mod)}: activation {act.name} has sup|sigma| = {act.bound}, "
+                             f"sup|sigma'| = {act.d1}, sup|sigma''| = {act.d2}; F Assumption 4.1 (i) needs "
+                             f"|sigma| <= 1 and bounded derivatives")
+        layers.append(LayerSpec(index, lin, act, lin.in_features, lin.out_features, lin.bias is not None))
     for a, b in zip(layers, layers[1:]):
         if b.in_features != a.out_features:
             raise ValueError(f"layer {b.index} expects {b.in_features} inputs but layer {a.index} "

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ..functional import FunctionalModule, make_functional_call
-from ..torch_chain import leaf_modules
+from ..torch_chain import module_layers
 from .autodiff import OracleCounter, loss_grad, loss_hessian
 
 __all__ = [
@@ -123,30 +123,16 @@ class ChainLayers:
 
 
 def split_layers(model: nn.Module) -> ChainLayers:
-    """Group an ``nn.Sequential`` into RH layers (see the module docstring)."""
+    """An ``nn.Sequential`` as RH layers: :func:`smoothchain.torch_chain.module_layers` (see the
+    module docstring), with each layer's functional call."""
     if not isinstance(model, nn.Sequential):
         raise TypeError(f"the DP oracles need an nn.Sequential chain, got {type(model).__name__}")
-    pre: list[nn.Module] = []
-    groups: list[list[nn.Module]] = []
-    for _, mod in leaf_modules(model, strict=False):
-        if any(True for _ in mod.parameters()):
-            groups.append([mod])
-        elif groups:
-            groups[-1].append(mod)
-        else:
-            pre.append(mod)
-    if not groups:
+    parsed = module_layers(model)
+    if not parsed.layers:
         raise ValueError("the model has no parameters: nothing to optimise")
-    layers = []
-    for group in groups:
-        named = list(group[0].named_parameters())
-        layers.append(ChainLayer(tuple(group), tuple(n for n, _ in named),
-                                 tuple(p for _, p in named)))
-    flat = [p for layer in layers for p in layer.params]
-    model_params = list(model.parameters())
-    if len(flat) != len(model_params) or any(a is not b for a, b in zip(flat, model_params)):
-        raise ValueError("a module is used twice or parameters are shared: not a chain of layers")
-    return ChainLayers(tuple(pre), tuple(layers))
+    layers = [ChainLayer(tuple(m for _, m in layer.modules), tuple(n for n, _ in layer.params),
+                         tuple(p for _, p in layer.params)) for layer in parsed.layers]
+    return ChainLayers(tuple(m for _, m in parsed.pre), tuple(layers))
 
 
 def _forward(chain: ChainLayers, vs: Sequence[torch.Tensor], x: torch.Tensor):
