@@ -36,7 +36,7 @@ from .components import Component, build_layers
 from .graph import Concat, Graph, Merge, Node, Product, Sum
 from .torch_chain import _lookup, _meta_forward, _norms_at_weights, _unsupported, _weight_norm, convert
 
-__all__ = ["ModuleGraph", "graph_from_module", "prefix_module"]
+__all__ = ["ModuleGraph", "graph_from_module", "prefix_module", "chain_of_blocks"]
 
 #: functional activations read as the module they compute
 _FUNCTIONAL = {
@@ -79,6 +79,54 @@ def prefix_module(gm: fx.GraphModule, output: str) -> fx.GraphModule:
     cut = fx.GraphModule(gm, graph)  # the purity check of eliminate_dead_code needs an owner
     cut.graph.eliminate_dead_code()
     return fx.GraphModule(gm, cut.graph)  # holds only the submodules still used
+
+
+def chain_of_blocks(module: nn.Module) -> nn.Sequential:
+    """A module with skip connections as a chain of blocks, for the DP of RH Algo. 4 (docs/graphs.md).
+
+    The traced forward is cut after every *cut node*: an operation that no value computed before
+    it skips over (every path from the input to the output goes through it, and nothing before it
+    is read after it).  The operations between two cuts form one block, an ``fx.GraphModule`` that
+    holds the original submodules -- so its parameters are the module's own tensors -- and the
+    blocks, applied in order, compute the module: a residual block ``x + f(x)`` is one stage
+    phi_l(v_l, z_{l-1}) with v_l all its weights.  A parameter read by two blocks makes the result
+    no chain (:func:`smoothchain.torch_chain.module_layers` then says so).
+    """
+    gm = _trace(module)
+    nodes = list(gm.graph.nodes)
+    inputs = [n for n in nodes if n.op == "placeholder"]
+    out = next(n for n in nodes if n.op == "output")
+    if len(inputs) != 1 or not isinstance(out.args[0], fx.Node):
+        raise ChainError(f"{type(module).__name__} takes {len(inputs)} inputs or returns several values: a chain "
+                         "of blocks maps one tensor to one tensor")
+    pos = {n: i for i, n in enumerate(nodes)}
+    # get_attr nodes (a parameter read directly) go with their first reader: no edge of theirs counts
+    last_read = {n: max((pos[u] for u in n.users), default=pos[n]) for n in nodes if n.op != "get_attr"}
+    blocks: list[list[fx.Node]] = [[]]
+    block_of: dict[fx.Node, int] = {}
+    reach = -1
+    for i, n in enumerate(nodes):
+        if n.op in ("placeholder", "output", "get_attr"):
+            reach = max(reach, last_read.get(n, i))
+            continue
+        blocks[-1].append(n)
+        block_of[n] = len(blocks) - 1
+        if reach <= i and n is not out.args[0]:  # nothing computed before n is read after it: cut after n
+            blocks.append([])
+        reach = max(reach, last_read[n])
+    blocks = [b for b in blocks if b]
+    attrs = {k: [n for n in nodes if n.op == "get_attr" and min(block_of[u] for u in n.users) == k]
+             for k in range(len(blocks))}
+    stages, value = [], inputs[0]  # value: the one node the next block reads
+    for k, block in enumerate(blocks):
+        graph = fx.Graph()
+        env = {value: graph.placeholder("z")}
+        for n in sorted(attrs[k] + block, key=pos.__getitem__):
+            env[n] = graph.node_copy(n, lambda a: env[a])
+        value = out.args[0] if k == len(blocks) - 1 else block[-1]
+        graph.output(env[value])
+        stages.append(fx.GraphModule(gm, graph))
+    return nn.Sequential(*stages)
 
 
 @dataclass

@@ -220,9 +220,8 @@ def test_cli_check_on_the_digits_resnet(capsys, tmp_path):
 # --------------------------------------------------------------------------- oracles on graphs
 def test_gradient_and_gauss_newton_steps_on_a_graph():
     """RH Sec. 3 on graphs: the gradient step by autodiff equals torch.autograd's gradient, the
-    Gauss-Newton step by the dual (Prop. 3.5) equals the dense Gauss-Newton solve; the DP steps
-    say that they need a chain."""
-    from smoothchain.oracles import gauss_newton_step, gradient_step, newton_step
+    Gauss-Newton step by the dual (Prop. 3.5) equals the dense Gauss-Newton solve."""
+    from smoothchain.oracles import gauss_newton_step, gradient_step
 
     torch.manual_seed(3)
     net = Merges().double()
@@ -237,11 +236,72 @@ def test_gradient_and_gauss_newton_steps_on_a_graph():
     dense = gauss_newton_step(net, x, y, loss="cross-entropy", l2=0.1, gamma=0.5, method="dense")
     for a, b in zip(dual.direction, dense.direction):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
-    for call in (lambda: gradient_step(net, x, y, loss="cross-entropy", gamma=1.0),
-                 lambda: newton_step(net, x, y, loss="cross-entropy", gamma=1.0),
-                 lambda: gauss_newton_step(net, x, y, loss="cross-entropy", gamma=1.0, method="dp")):
-        with pytest.raises(TypeError, match="needs a chain.*Merges is not one.*use"):
-            call()
+
+
+class Blocks(nn.Module):
+    """Residual blocks between single operations, defined out of parameter order (the head's
+    parameters come first in ``parameters()``), with a parameter read directly (``scale``)."""
+
+    def __init__(self, d=3):
+        super().__init__()
+        self.head = nn.Linear(d, 2)
+        self.stem = nn.Linear(4, d)
+        self.a1, self.b1 = nn.Linear(d, d), nn.Linear(d, d)
+        self.a2 = nn.Linear(d, d)
+        self.scale = nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, x):
+        h = torch.tanh(self.stem(x))
+        h = h + self.b1(torch.tanh(self.a1(h)))           # a block
+        h = torch.tanh(h)
+        h = self.scale * h + torch.sigmoid(self.a2(h))    # a block with a direct parameter
+        return self.head(h)
+
+
+@pytest.mark.parametrize("net_fn", [Merges, Blocks], ids=["merges", "blocks"])
+def test_dp_steps_on_a_graph_run_over_its_chain_of_blocks(net_fn):
+    """The DP of RH Algo. 4 on a graph cut into a chain of blocks (chain_of_blocks): gradient =
+    torch.autograd, Gauss-Newton and Newton = the dense solves, directions in parameters() order."""
+    from smoothchain.oracles import gauss_newton_step, gradient_step, newton_step
+    from smoothchain.torch_graph import chain_of_blocks
+
+    torch.manual_seed(4)
+    net = net_fn().double()
+    x, y = torch.randn(6, 4, dtype=DT), torch.randint(0, 2, (6,))
+    chain = chain_of_blocks(net)
+    torch.testing.assert_close(chain(x), net(x), rtol=0, atol=0)
+    assert {id(p) for p in chain.parameters()} == {id(p) for p in net.parameters()}
+    if net_fn is Blocks:
+        assert len(chain) >= 4  # stem, two blocks, head: cut between them
+    g = gradient_step(net, x, y, loss="cross-entropy", l2=0.1, gamma=0.5, method="dp")
+    loss = nn.functional.cross_entropy(net(x), y) + 0.05 * sum(p.pow(2).sum() for p in net.parameters())
+    for d, r in zip(g.direction, torch.autograd.grad(loss, list(net.parameters()))):
+        torch.testing.assert_close(d, -0.5 * r, rtol=1e-10, atol=1e-12)
+    for step in (gauss_newton_step, newton_step):
+        dp = step(net, x, y, loss="cross-entropy", l2=0.1, gamma=0.5, method="dp")
+        dense = step(net, x, y, loss="cross-entropy", l2=0.1, gamma=0.5, method="dense")
+        assert dp.gamma == dense.gamma
+        for a, b in zip(dp.direction, dense.direction):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+
+
+def test_dp_steps_on_an_untraceable_module_say_what_to_use():
+    from smoothchain.oracles import gradient_step, newton_step
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.a(x) if x.sum() > 0 else -self.a(x)  # data-dependent: torch.fx cannot trace it
+
+    x, y = torch.randn(2, 3), torch.tensor([0, 1])
+    with pytest.raises(TypeError, match="needs a chain.*cannot trace Branchy.*use method='autodiff'"):
+        gradient_step(Branchy(), x, y, loss="cross-entropy", gamma=1.0)
+    with pytest.raises(TypeError, match="needs a chain.*use method='dense'"):
+        newton_step(Branchy(), x, y, loss="cross-entropy", gamma=1.0)
 
 
 @pytest.mark.parametrize("case", CHAINS[:3], ids=[c.id for c in CHAINS[:3]])

@@ -20,8 +20,9 @@ Example::
 The closure gives the batch rather than a loss because the oracles need the chain's output
 and the loss separately (RH Sec. 3).  ``loss`` is one of "square", "cross-entropy" and
 "autoencoder" (targets = inputs; y is not used); "convex-clustering" has no Hessian (RH Prop.
-B.1) and is rejected.  The model is one ``nn.Sequential`` chain (the dual Gauss-Newton step
-accepts any module) and all its parameters form one group.
+B.1) and is rejected.  The DP steps take an ``nn.Sequential`` chain or any module torch.fx
+cuts into a chain of blocks (docs/graphs.md); the dual Gauss-Newton step accepts any module.
+All the parameters form one group.
 """
 
 from __future__ import annotations

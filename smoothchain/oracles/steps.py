@@ -1,4 +1,8 @@
-"""The three oracle steps of RH eqs. (12)-(14) on an ``nn.Sequential`` chain (public API).
+"""The three oracle steps of RH eqs. (12)-(14) on a chain (public API).
+
+The DP methods run over an ``nn.Sequential``, or over the chain of blocks of any module torch.fx
+can trace (:func:`smoothchain.torch_graph.chain_of_blocks`, docs/graphs.md); the dual and
+``"autodiff"`` need only the autodiff oracle.
 
 Objective F(w) = f(psi(w)) + r(w), r(w) = l2/2 ||w||^2 over all parameters, f a row of
 the loss table (:mod:`smoothchain.losses`): "square", "cross-entropy" (batch means),
@@ -80,12 +84,35 @@ def _check(model, loss: str, l2, gamma, method: str, methods: tuple[str, ...],
     return gamma, l2
 
 
-def _need_chain(model, what: str, instead: str) -> None:
-    """The dynamic programming of RH Algo. 4 runs over a chain: say so for anything else."""
-    if not isinstance(model, nn.Sequential):
-        raise TypeError(f"{what} by dynamic programming (RH Algo. 4) needs a chain (an nn.Sequential); "
-                        f"{type(model).__name__} is not one (a network with skip connections is a graph, "
-                        f"docs/graphs.md): use {instead}")
+def _as_chain(model, what: str, instead: str) -> tuple[nn.Sequential, list[int] | None]:
+    """The chain the DP of RH Algo. 4 runs over: the model itself when it is an ``nn.Sequential``,
+    else its chain of blocks (:func:`smoothchain.torch_graph.chain_of_blocks`), with the position
+    in ``model.parameters()`` of each of the chain's parameters (None: the same order)."""
+    if isinstance(model, nn.Sequential):
+        return model, None
+    from ..chain import ChainError
+    from ..torch_graph import chain_of_blocks
+
+    try:
+        chain = chain_of_blocks(model)
+    except ChainError as err:
+        raise TypeError(f"{what} by dynamic programming (RH Algo. 4) needs a chain, or a module torch.fx "
+                        f"can cut into a chain of blocks (docs/graphs.md): {err}; or use {instead}") from None
+    index = {id(p): i for i, p in enumerate(model.parameters())}
+    order = [index.get(id(p), -1) for p in chain.parameters()]
+    if sorted(order) != list(range(len(index))):
+        raise TypeError(f"{what}: the chain of blocks of {type(model).__name__} does not hold each of its "
+                        f"parameters once (a parameter shared or used by two blocks); use {instead}")
+    return chain, order
+
+
+def _in_model_order(direction, order):
+    if order is None:
+        return direction
+    out = [None] * len(order)
+    for d, i in zip(direction, order):
+        out[i] = d
+    return out
 
 
 def _result(direction, counter: OracleCounter, gamma: float, feasible: bool) -> StepResult:
@@ -108,8 +135,8 @@ def gradient_step(model, x, y, *, loss, l2=0.0, gamma, method="dp") -> StepResul
     gamma, l2 = _check(model, loss, l2, gamma, method, ("dp", "autodiff", "dense"))
     f, counter = loss_function(loss, y, x), OracleCounter()
     if method == "dp":
-        _need_chain(model, "gradient_step", "method='autodiff'")
-        direction = gradient_dp(model, x, f, l2, gamma, counter)
+        chain, order = _as_chain(model, "gradient_step", "method='autodiff'")
+        direction = _in_model_order(gradient_dp(chain, x, f, l2, gamma, counter), order)
     elif method == "autodiff":
         oracle = AutodiffOracle(model, x, counter)
         grads = oracle.backward(loss_grad(f, oracle.output))
@@ -127,8 +154,10 @@ def gauss_newton_step(model, x, y, *, loss, l2=0.0, gamma, method="dual") -> Ste
         direction, _ = gauss_newton_dual(model, x, f, l2, gamma, counter)
         feasible = True
     elif method == "dp":
-        _need_chain(model, "gauss_newton_step(method='dp')", "method='dual' (Prop. 3.5, autodiff calls only)")
-        direction, gamma, feasible = _by_dp(model, x, f, l2, gamma, "gauss-newton", counter)
+        chain, order = _as_chain(model, "gauss_newton_step(method='dp')",
+                                 "method='dual' (Prop. 3.5, autodiff calls only)")
+        direction, gamma, feasible = _by_dp(chain, x, f, l2, gamma, "gauss-newton", counter)
+        direction = _in_model_order(direction, order)
     else:
         direction, feasible = dense_gauss_newton(model, x, f, l2, gamma, counter), True
     return _result(direction, counter, gamma, feasible)
@@ -139,8 +168,10 @@ def newton_step(model, x, y, *, loss, l2=0.0, gamma, method="dp") -> StepResult:
     gamma, l2 = _check(model, loss, l2, gamma, method, ("dp", "dense"), SECOND_ORDER_LOSSES)
     f, counter = loss_function(loss, y, x), OracleCounter()
     if method == "dp":
-        _need_chain(model, "newton_step", "method='dense' (small models) or gauss_newton_step(method='dual')")
-        direction, gamma, feasible = _by_dp(model, x, f, l2, gamma, "newton", counter)
+        chain, order = _as_chain(model, "newton_step",
+                                 "method='dense' (small models) or gauss_newton_step(method='dual')")
+        direction, gamma, feasible = _by_dp(chain, x, f, l2, gamma, "newton", counter)
+        direction = _in_model_order(direction, order)
     else:
         direction, gamma, feasible = dense_newton(model, x, f, l2, gamma, counter)
     return _result(direction, counter, gamma, feasible)
