@@ -197,3 +197,26 @@ def test_a_wrong_merge_rule_is_caught(monkeypatch):
     monkeypatch.setattr(Sum, "constants", lambda self, inputs: tuple(x / 1000 for x in inputs[0]))
     case = Case(3, [("layer", 0, 3, "tanh"), ("sum", 0, 1), ("layer", 2, 2, "none")], batch=2, radius=0.5, seed=1)
     assert run_case(case)
+
+
+@examples(60)
+@given(dag_cases())
+def test_random_graphs_as_chains_of_blocks(case):
+    """chain_of_blocks on random DAGs: the blocks applied in order compute the module with its
+    own parameter tensors, and the DP gradient over them (RH Prop. C.2) equals torch.autograd's."""
+    from smoothchain.oracles import gradient_step
+    from smoothchain.torch_graph import chain_of_blocks
+
+    model = case.build()
+    gen = torch.Generator().manual_seed(case.seed)
+    x = torch.randn(case.batch, case.d_in, generator=gen, dtype=DT)
+    chain = chain_of_blocks(model)
+    torch.testing.assert_close(chain(x), model(x), rtol=0, atol=0)
+    assert sorted(id(p) for p in chain.parameters()) == sorted(id(p) for p in model.parameters())
+    y = torch.randn_like(model(x))
+    g = gradient_step(model, x, y, loss="square", gamma=1.0, method="dp")
+    loss = 0.5 * (model(x) - y).pow(2).sum() / case.batch
+    params = list(model.parameters())
+    ref = torch.autograd.grad(loss, params, allow_unused=True)  # a branch may lead nowhere
+    for d, r, p in zip(g.direction, ref, params):
+        torch.testing.assert_close(d, torch.zeros_like(p) if r is None else -r, rtol=1e-10, atol=1e-12)
