@@ -102,6 +102,8 @@ ROWS = [
     ("certify --module {d}/mods.py:plus1 --input-shape 3", "has no rule", "docs/graphs.md"),
     ("check --model mlp --budget inf", "--budget", "finite"),
     ("train --nproc 0", "--nproc", ">= 1"),
+    ("check --model mlp --threads 0", "--threads", ">= 1"),
+    ("certify --model mlp --threads two", "--threads", "integer"),
     ("rates sgd", "required"),
     ("train --optimizer nope", "--optimizer"),
     ("train --steps -1", "--steps"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import json
 import math
 import subprocess
@@ -310,3 +311,57 @@ def test_certify_source_matches_the_command(capsys, tmp_path):
     assert cert.to_dict() == doc and cert.mode == "spec"
     with pytest.raises(ChainError, match="exactly one"):
         certify_source("mlp", spec=spec)
+
+
+# --------------------------------------------------------------------------- --threads
+def test_threads_option_sets_torch_threads_for_the_command_only(monkeypatch, capsys):
+    """--threads N: the handler runs with N PyTorch threads; the setting is restored after."""
+    import torch
+
+    from smoothchain.cli import main as cli_main
+    from smoothchain.cli import common
+
+    seen = []
+    real = common.torch_threads
+
+    def spy(requested):
+        ctx = real(requested)
+
+        class Wrap:
+            def __enter__(self):
+                n = ctx.__enter__()
+                seen.append((n, torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")))
+                return n
+
+            def __exit__(self, *exc):
+                return ctx.__exit__(*exc)
+        return Wrap()
+
+    monkeypatch.setattr(sys.modules["smoothchain.cli.main"], "torch_threads", spy)
+    before = torch.get_num_threads()
+    assert cli_main(["certify", "--model", "mlp", "--threads", "1", "--json"]) == 0
+    capsys.readouterr()
+    assert seen == [(1, 1, "1")]
+    assert torch.get_num_threads() == before
+
+
+def test_default_threads_honour_omp_affinity_and_ranks(monkeypatch):
+    from smoothchain.cli.common import default_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_threads() == 5
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert default_threads() == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert default_threads() == 1
+
+
+def test_certify_with_threads_still_imports_no_torch():
+    code = ("import sys; from smoothchain.cli import main; "
+            "assert main(['certify', '--model', 'mlp', '--threads', '2', '--json']) == 0; "
+            "assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

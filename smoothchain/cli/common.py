@@ -168,6 +168,49 @@ def errors_as_cli(*types: type[BaseException], first_line: bool = False, with_ty
         raise CLIError(text.splitlines()[0] if first_line and text else text) from None
 
 
+def default_threads() -> int:
+    """The CLI's default number of PyTorch threads: ``OMP_NUM_THREADS`` when set, else the CPUs
+    this process may run on (its affinity mask, which honours ``taskset`` and container limits,
+    unlike PyTorch's count of the machine's cores) shared among the local ranks of a
+    multi-process run (``LOCAL_WORLD_SIZE``), at least 1 -- more threads than free cores makes
+    small tensor operations several times slower."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) >= 1:
+        return int(env)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    ranks = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    return max(1, cores // (int(ranks) if ranks.isdigit() and int(ranks) >= 1 else 1))
+
+
+@contextmanager
+def torch_threads(requested: int | None) -> Iterator[int]:
+    """Run a command with ``requested`` (or :func:`default_threads`) PyTorch threads; restores
+    the previous setting afterwards (the CLI called from Python leaves no trace).  PyTorch is not
+    imported here: if it is not yet, ``OMP_NUM_THREADS`` tells it when a handler imports it."""
+    import sys
+
+    n = int(requested) if requested is not None else default_threads()
+    old_env = os.environ.get("OMP_NUM_THREADS")
+    torch = sys.modules.get("torch")
+    old = torch.get_num_threads() if torch is not None else None
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    if torch is not None:
+        torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        if old_env is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = old_env
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            torch.set_num_threads(old if old is not None else n)
+
+
 def format_table(rows: Sequence[Sequence[str]], right: Callable[[int], bool] = lambda i: False) -> list[str]:
     """Aligned columns (column ``i`` right-aligned where ``right(i)``), a dashed rule under the header."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -19,7 +19,8 @@ from typing import Sequence
 
 from ..chain import ChainError
 from . import analysis, certify, oracles, train
-from .common import CLIError, optional_dependency_message
+from .common import CLIError, optional_dependency_message, torch_threads
+from .options import integer
 
 __all__ = ["main", "build_parser"]
 
@@ -47,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in SUBCOMMANDS:
         module.register(sub)
+    for command in sub.choices.values():  # every command: its PyTorch threads
+        command.add_argument("--threads", type=integer(1), default=None, metavar="N",
+                             help="PyTorch threads (default: OMP_NUM_THREADS, else the CPUs this process may "
+                                  "use, shared among the local ranks of --nproc/torchrun)")
     return parser
 
 
@@ -68,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv  # what `train --nproc` gives the processes it starts
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch_threads(args.threads):
             warnings.showwarning = _warning_line
             return args.handler(args)
     except (ChainError, CLIError) as err:
