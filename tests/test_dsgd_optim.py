@@ -579,3 +579,35 @@ def test_functional_update_is_the_optimizer_step(q):
     assert res.dual_norms == opt.last_dual_norms and set(res.step_norms) == set(res.layers)
     for m, w, bb in zip(lins, W, b):
         assert torch.equal(m.weight.detach(), w) and torch.equal(m.bias.detach(), bb)
+
+
+# ---------------------------------------------------------------------------- q = 2 screening
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 300), st.sampled_from([1e-30, 1e-20, 1e-3, 1.0, 1e15]),
+       st.sampled_from([torch.float32, torch.float64]), st.integers(0, 2**31 - 1))
+def test_row_norm_bounds_are_upper_bounds(rows, cols, scale, dtype, seed):
+    """The screen's row-norm bounds, computed in the layer's dtype, never fall below the exact
+    norms (float64 of the scaled rows, so underflow in float32 squares cannot hide)."""
+    from smoothchain.optim.dsgd import _row_norm_bounds
+
+    g = torch.Generator().manual_seed(seed)
+    M64 = torch.randn(rows, cols, generator=g, dtype=torch.float64) * scale
+    M = M64.to(dtype)
+    exact = (M.to(torch.float64) / scale).norm(dim=1) * scale  # the rows as stored, exactly
+    bound = _row_norm_bounds(M)
+    assert bound.dtype == torch.float64
+    assert bool((bound >= exact).all())
+    assert bool((bound <= exact * (1 + 1e-3) + 1e-17).all())  # and not loose
+
+
+def test_q2_hooks_record_only_layers_whose_factors_can_serve():
+    """A layer whose batch reaches min(r, c) is not recorded (its dense core is as small)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(50, 40), nn.Sigmoid(), nn.Linear(40, 3), nn.Sigmoid())
+    opt = DSGD(net, q=2)
+    x = torch.rand(8, 50)
+    (net(x) - 0.5).pow(2).sum(1).mean().backward()
+    assert [len(r) for r in opt._records] == [1, 0]
+    before = [p.detach().clone() for p in net.parameters()]
+    opt.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, net.parameters()))

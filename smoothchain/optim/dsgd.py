@@ -373,6 +373,16 @@ class PolarDuals:
         return [self.duals[i].norm if i in self.duals else None for i in range(len(self.grads_w))]
 
 
+def _row_norm_bounds(M: Tensor) -> Tensor:
+    """Float64 upper bounds on the 2-norms of M's rows, computed in M's dtype: a sum of n squares
+    in any order is within gamma_{n+1} of its value (and the norm's square root within u), and each square that underflows loses at
+    most the dtype's smallest normal number (F's step needs only an upper bound here)."""
+    n = M.shape[1]
+    fin = torch.finfo(M.dtype)
+    sq = torch.linalg.vector_norm(M, dim=1).to(torch.float64).square()
+    return (sq * (1.0 + gamma_n(n + 4, M.dtype)) + 2 * n * fin.tiny).sqrt() * (1.0 + 2 * unit_roundoff(torch.float64))
+
+
 def _polar_screen(p: Sequence[float], duals: PolarDuals) -> list[int]:
     """Layers that can maximise ||g_i||_* / p_i.  Small layers (min(r, c) <= 64) get their
     exact nuclear norm at once; a large layer only gets the upper bound
@@ -391,9 +401,10 @@ def _polar_screen(p: Sequence[float], duals: PolarDuals) -> list[int]:
         fac = duals.factors(i)
         if fac is not None:
             A, X = fac
-            xn2 = (X * X).sum(dim=1, dtype=torch.float64) + (1.0 if gb is not None else 0.0)
-            an = torch.linalg.vector_norm(A.to(torch.float64), dim=0)
-            upper[i] = float((an * xn2.sqrt()).sum()) * (1.0 + 1e-12) / p[i]
+            an, xn = _row_norm_bounds(A.T), _row_norm_bounds(X)
+            if gb is not None:
+                xn = (xn * xn + 1.0).sqrt()
+            upper[i] = float((an * xn).sum()) * (1.0 + 1e-12) / p[i]
         else:
             fro = float(torch.linalg.vector_norm(GW, dtype=torch.float64))
             if gb is not None:
@@ -682,11 +693,17 @@ class DSGD(torch.optim.Optimizer):
     # factor capture (q = 2)
     def _make_hook(self, i: int):
         records = self._records
+        spec = self._layers[i]
+        # the factors serve only while the batch is below min(r, c) (low_rank_factors): a batch
+        # at least that large is not recorded at all (its dense Gram core is as small)
+        rank_cap = min(spec.out_features, spec.in_features + int(spec.bias))
 
         def hook(mod, inputs, out):
             if not (torch.is_grad_enabled() and out.requires_grad):
                 return
             x = inputs[0].detach()
+            if x.numel() >= rank_cap * x.shape[-1]:
+                return
 
             def grad_hook(g, x=x):
                 records[i].append((x, g.detach()))
