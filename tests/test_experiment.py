@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from smoothchain import cli  # noqa: E402
-from smoothchain.experiments import prop21, prop21_quantities  # noqa: E402
+from smoothchain.experiments import _quarter_shares, f_claims, prop21, prop21_quantities  # noqa: E402
 
 
 def test_experiment_dsgd_writes_report_and_figures(tmp_path, capsys):
@@ -32,6 +32,45 @@ def test_experiment_dsgd_writes_report_and_figures(tmp_path, capsys):
         assert (out / fig).stat().st_size > 0 and fig in report
     assert "batch_qinf_layer_updates.png" in doc["figures"]
     assert "minibatch_test_accuracy.png" in doc["figures"]
+    # F's observations, claim by claim, in the results and the report
+    assert doc["claims"] and all(set(c) == {"claim", "where", "measured", "holds"} for c in doc["claims"])
+    assert "claim by claim" in report and all(c["where"] in report for c in doc["claims"])
+    assert all(e["dsgd"]["seconds_per_step"] > 0 for e in doc["batch"].values())
+
+
+def _fake_results(counts1, shares2, sharesinf, errors, accs, times, mini_times=(1.1, 4.0, 1.05)):
+    """A results dict shaped like dsgd_experiment's, with chosen numbers (the claims' inputs)."""
+    def run(err, t, counts=(1, 1), first=0.9, shares=()):
+        return {"final": {"train_error": err, "test_accuracy": 1 - err}, "counts": list(counts),
+                "first_error": first, "layer1_share_by_quarter": list(shares), "seconds_per_step": t, "lr": 1.0}
+    batch = {}
+    for ql, counts, shares in (("1", counts1, []), ("2", (5, 5), shares2), ("inf", (5, 5), sharesinf)):
+        batch[ql] = {"dsgd": run(errors[0], times[0], counts, shares=shares),
+                     "random": run(errors[1], times[1]), "sequential": run(errors[1] + 0.01, times[1]),
+                     "best_layerwise": "random"}
+    mini = {"sgd_standard": {"method": "SGD_STANDARD", "final": {"test_accuracy": accs[0]}, "seconds_per_step": 1.0}}
+    for ql, a, t in zip(("1", "2", "inf"), accs[1:], mini_times):
+        mini[f"dsgd-all_q{ql}"] = {"method": f"DSGD_ALL q={ql}", "final": {"test_accuracy": a}, "seconds_per_step": t}
+    return {"batch": batch, "minibatch": mini}
+
+
+def test_f_claims_hold_and_fail_on_chosen_numbers():
+    """Each claim's verdict follows its numbers: F's picture holds, and each part can fail."""
+    good = f_claims(_fake_results((0, 9), [0.5, 0.55, 0.5, 0.45], [0.9, 0.2, 0.5, 0.1], (0.2, 0.1),
+                                  (0.95, 0.7, 0.9, 0.8), (1.02, 1.0)))
+    assert len(good) == 10 and all(c["holds"] for c in good), [c for c in good if not c["holds"]]
+    bad = f_claims(_fake_results((3, 6), [0.9, 0.1, 0.5, 0.5], [0.5, 0.5, 0.5, 0.5], (0.05, 0.1),
+                                 (0.5, 0.7, 0.6, 0.9), (2.0, 1.0), mini_times=(1.1, 2.0, 3.0)))
+    assert not any(c["holds"] for c in bad), [c for c in bad if c["holds"]]
+    # "trains": an error that did not halve from the first evaluation does not count
+    stalled = f_claims(_fake_results((0, 9), [0.5] * 4, [0.9, 0.1, 0.5, 0.5], (0.6, 0.1),
+                                     (0.95, 0.7, 0.9, 0.8), (1.0, 1.0)))
+    assert [c["holds"] for c in stalled if "trains" in c["claim"]] == [False] * 3
+
+
+def test_quarter_shares_from_cumulative_counts():
+    counts = [[1, 0], [2, 0], [2, 1], [2, 2], [3, 2], [4, 2], [4, 3], [4, 4]]
+    assert _quarter_shares([{"counts": c} for c in counts]) == [1.0, 0.0, 1.0, 0.0]
 
 
 def test_experiment_dsgd_missing_directory(tmp_path, capsys):

@@ -75,14 +75,14 @@ def register(sub) -> None:
     e.add_argument("--data", default="digits")
     e.add_argument("--out", default=None, help="output directory (default: dsgd-experiment / prop21)")
     e.add_argument("--hidden", type=int, default=300)
-    e.add_argument("--batch-steps", type=int, default=200)
-    e.add_argument("--minibatch-steps", type=int, default=200)
-    e.add_argument("--tune-steps", type=int, default=50)
+    e.add_argument("--batch-steps", type=int, default=None, help="full-batch steps per run (default 6000; F: 20,000)")
+    e.add_argument("--minibatch-steps", type=int, default=None, help="mini-batch steps per run (default 6000)")
+    e.add_argument("--tune-steps", type=int, default=None, help="steps per step-size candidate (default 500)")
     e.add_argument("--batch-size", type=int, default=128)
     e.add_argument("--qs", default="1,2,inf", help="comma-separated subset of 1,2,inf")
     e.add_argument("--grid", default="0.001,0.01,0.1,1,10", help="step sizes to tune over")
     e.add_argument("--limit", type=int, default=None)
-    e.add_argument("--eval-every", type=int, default=10)
+    e.add_argument("--eval-every", type=int, default=None, help="default: 1/200 of the longest run")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--eps-max", type=float, default=1000.0, help="prop21: end of the curve")
     e.add_argument("--points", type=int, default=25, help="prop21: points on the curve")
@@ -157,7 +157,7 @@ def _cmd_experiment(args) -> int:
         last = res["rows"][-1]
         return emit(args.json, res, f"eps={last['eps']:g}: ||H||={last['hessian_norm']:.4g}, blocks "
                                     f"{last['block_norms']}, p_i^2 {last['p_squared']}; figure {res['figures']}")
-    from ..experiments import dsgd_experiment
+    from ..experiments import BATCH_STEPS, MINIBATCH_STEPS, TUNE_STEPS, dsgd_experiment
 
     try:
         qs = [layer_norm(t) for t in args.qs.split(",") if t.strip()]
@@ -166,8 +166,12 @@ def _cmd_experiment(args) -> int:
         raise CLIError(f"bad --qs or --grid: {exc}") from None
     if not qs or not grid or any(not (g > 0) for g in grid):
         raise CLIError("--qs and --grid must be non-empty, step sizes positive")
+    for name, default in (("batch_steps", BATCH_STEPS), ("minibatch_steps", MINIBATCH_STEPS),
+                          ("tune_steps", TUNE_STEPS)):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     for name in ("batch_steps", "minibatch_steps", "tune_steps", "batch_size", "hidden", "eval_every"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1")
     check_output_dir(args.out or "dsgd-experiment", "--out")
     with errors_as_cli(DatasetNotFoundError, ValueError):
