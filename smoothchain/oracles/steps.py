@@ -119,10 +119,13 @@ def _result(direction, counter: OracleCounter, gamma: float, feasible: bool) -> 
     return StepResult([d.detach() for d in direction], counter.calls, float(gamma), bool(feasible))
 
 
-def _by_dp(model, x, f, l2, gamma, kind, counter):
-    lq = assemble_lq(model, x, f, l2, kind, counter)
+def _by_dp(model, x, f, l2, gamma, kind, counter, what: str, instead: str):
+    """The step by the DP of Algo. 4 over the model's chain (:func:`_as_chain`), in the model's
+    parameter order: (direction, gamma, feasible)."""
+    chain, order = _as_chain(model, what, instead)
+    lq = assemble_lq(chain, x, f, l2, kind, counter)
     sol = solve_lq(lq, gamma)
-    return lq.chain.to_parameters(sol.v), sol.gamma, sol.feasible
+    return _in_model_order(lq.chain.to_parameters(sol.v), order), sol.gamma, sol.feasible
 
 
 def gradient_step(model, x, y, *, loss, l2=0.0, gamma, method="dp") -> StepResult:
@@ -154,10 +157,9 @@ def gauss_newton_step(model, x, y, *, loss, l2=0.0, gamma, method="dual") -> Ste
         direction, _ = gauss_newton_dual(model, x, f, l2, gamma, counter)
         feasible = True
     elif method == "dp":
-        chain, order = _as_chain(model, "gauss_newton_step(method='dp')",
-                                 "method='dual' (Prop. 3.5, autodiff calls only)")
-        direction, gamma, feasible = _by_dp(chain, x, f, l2, gamma, "gauss-newton", counter)
-        direction = _in_model_order(direction, order)
+        direction, gamma, feasible = _by_dp(model, x, f, l2, gamma, "gauss-newton", counter,
+                                            "gauss_newton_step(method='dp')",
+                                            "method='dual' (Prop. 3.5, autodiff calls only)")
     else:
         direction, feasible = dense_gauss_newton(model, x, f, l2, gamma, counter), True
     return _result(direction, counter, gamma, feasible)
@@ -168,10 +170,8 @@ def newton_step(model, x, y, *, loss, l2=0.0, gamma, method="dp") -> StepResult:
     gamma, l2 = _check(model, loss, l2, gamma, method, ("dp", "dense"), SECOND_ORDER_LOSSES)
     f, counter = loss_function(loss, y, x), OracleCounter()
     if method == "dp":
-        chain, order = _as_chain(model, "newton_step",
-                                 "method='dense' (small models) or gauss_newton_step(method='dual')")
-        direction, gamma, feasible = _by_dp(chain, x, f, l2, gamma, "newton", counter)
-        direction = _in_model_order(direction, order)
+        direction, gamma, feasible = _by_dp(model, x, f, l2, gamma, "newton", counter, "newton_step",
+                                            "method='dense' (small models) or gauss_newton_step(method='dual')")
     else:
         direction, gamma, feasible = dense_newton(model, x, f, l2, gamma, counter)
     return _result(direction, counter, gamma, feasible)
