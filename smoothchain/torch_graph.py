@@ -100,7 +100,7 @@ def chain_of_blocks(module: nn.Module) -> nn.Sequential:
         raise ChainError(f"{type(module).__name__} takes {len(inputs)} inputs or returns several values: a chain "
                          "of blocks maps one tensor to one tensor")
     pos = {n: i for i, n in enumerate(nodes)}
-    # get_attr nodes (a parameter read directly) go with their first reader: no edge of theirs counts
+    # get_attr nodes (a parameter read directly) go with the blocks that read them: no edge of theirs counts
     last_read = {n: max((pos[u] for u in n.users), default=pos[n]) for n in nodes if n.op != "get_attr"}
     blocks: list[list[fx.Node]] = [[]]
     block_of: dict[fx.Node, int] = {}
@@ -115,7 +115,9 @@ def chain_of_blocks(module: nn.Module) -> nn.Sequential:
             blocks.append([])
         reach = max(reach, last_read[n])
     blocks = [b for b in blocks if b]
-    attrs = {k: [n for n in nodes if n.op == "get_attr" and min(block_of[u] for u in n.users) == k]
+    # a directly read parameter is copied into every block that reads it (read by two, it makes
+    # the blocks share it, which module_layers refuses)
+    attrs = {k: [n for n in nodes if n.op == "get_attr" and any(block_of.get(u) == k for u in n.users)]
              for k in range(len(blocks))}
     stages, value = [], inputs[0]  # value: the one node the next block reads
     for k, block in enumerate(blocks):

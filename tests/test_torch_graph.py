@@ -297,7 +297,19 @@ def test_dp_steps_on_an_untraceable_module_say_what_to_use():
         def forward(self, x):
             return self.a(x) if x.sum() > 0 else -self.a(x)  # data-dependent: torch.fx cannot trace it
 
+    class Shared(nn.Module):  # one parameter read by two blocks: no chain of blocks
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+            self.scale = nn.Parameter(torch.tensor(2.0))
+
+        def forward(self, x):
+            h = torch.tanh(self.scale * self.a(x))
+            return self.b(self.scale * h)
+
     x, y = torch.randn(2, 3), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="used twice or parameters are shared"):
+        gradient_step(Shared(), x, y, loss="cross-entropy", gamma=1.0)
     with pytest.raises(TypeError, match="needs a chain.*cannot trace Branchy.*use method='autodiff'"):
         gradient_step(Branchy(), x, y, loss="cross-entropy", gamma=1.0)
     with pytest.raises(TypeError, match="needs a chain.*use method='dense'"):
