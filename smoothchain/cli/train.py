@@ -157,7 +157,7 @@ def _cmd_experiment(args) -> int:
         last = res["rows"][-1]
         return emit(args.json, res, f"eps={last['eps']:g}: ||H||={last['hessian_norm']:.4g}, blocks "
                                     f"{last['block_norms']}, p_i^2 {last['p_squared']}; figure {res['figures']}")
-    from ..experiments import BATCH_STEPS, MINIBATCH_STEPS, TUNE_STEPS, dsgd_experiment
+    from ..experiments import dsgd_experiment
 
     try:
         qs = [layer_norm(t) for t in args.qs.split(",") if t.strip()]
@@ -166,18 +166,15 @@ def _cmd_experiment(args) -> int:
         raise CLIError(f"bad --qs or --grid: {exc}") from None
     if not qs or not grid or any(not (g > 0) for g in grid):
         raise CLIError("--qs and --grid must be non-empty, step sizes positive")
-    for name, default in (("batch_steps", BATCH_STEPS), ("minibatch_steps", MINIBATCH_STEPS),
-                          ("tune_steps", TUNE_STEPS)):
-        if getattr(args, name) is None:
-            setattr(args, name, default)
     for name in ("batch_steps", "minibatch_steps", "tune_steps", "batch_size", "hidden", "eval_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1")
+    # the run sizes left out keep the library's defaults (experiments.BATCH_STEPS, ...)
+    sizes = {k: getattr(args, k) for k in ("batch_steps", "minibatch_steps", "tune_steps", "eval_every")
+             if getattr(args, k) is not None}
     check_output_dir(args.out or "dsgd-experiment", "--out")
     with errors_as_cli(DatasetNotFoundError, ValueError):
         res = dsgd_experiment(args.data, out=args.out or "dsgd-experiment", hidden=args.hidden,
-                              batch_steps=args.batch_steps, minibatch_steps=args.minibatch_steps,
-                              tune_steps=args.tune_steps, batch_size=args.batch_size, qs=qs,
-                              grid=grid, limit=args.limit, seed=args.seed,
-                              eval_every=args.eval_every, progress=True)
+                              batch_size=args.batch_size, qs=qs, grid=grid, limit=args.limit,
+                              seed=args.seed, progress=True, **sizes)
     return emit(args.json, res, f"report: {res['report']}")
