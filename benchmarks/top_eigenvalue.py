@@ -1,28 +1,37 @@
-"""Top Hessian eigenvalue: smoothchain.estimators.hessian_top_eig vs PyHessian (issue 3, item 7).
+"""Top Hessian eigenvalue to a relative accuracy: smoothchain vs PyHessian and curvlinops (issue 14).
 
-PyHessian (Yao et al. 2020, ``pyhessian.hessian(...).eigenvalues``) keeps the gradient graph
-(``loss.backward(create_graph=True)``) and runs power iteration with double-backward
-Hessian-vector products, stopping when two consecutive eigenvalue estimates agree to a relative
-``tol``.  The benchmark uses the real package when it imports with the installed PyTorch
-(installing it with ``pip install --no-deps pyhessian`` first, which cannot touch torch, unless
-``--no-install``); otherwise ``pyhessian_power`` below, a faithful re-implementation of that
-loop.  The JSON says which baseline ran.
+``smoothchain.estimators.hessian_top_eig`` (Lanczos with full reorthogonalisation, products by a
+backward pass through one recorded gradient graph) against
 
-Same CNN (smoothchain's built-in ``cnn`` for 1x8x8 digits), same batch, float64 for both.
+* PyHessian 0.1 (``pyhessian.hessian(model, criterion, data).eigenvalues(top_n=1, tol)``: power
+  iteration with double-backward products, stopped when two consecutive estimates agree to a
+  relative ``tol``; it takes no start vector), and
+* curvlinops (``HessianLinearOperator(...).to_scipy()`` under ``scipy.sparse.linalg.eigsh(k=1,
+  which="LM", tol, v0)``: ARPACK's implicitly restarted Lanczos, products by forward-over-reverse
+  ``torch.func``; ``check_deterministic=False`` so its set-up checks are not timed),
 
-* ``equal_accuracy``: the reference eigenvalue is a tight Lanczos run (tol 1e-12).  Each method
-  runs with its own stopping rule -- ours ``hessian_top_eig(method="lanczos", tol)``, PyHessian's
-  power iteration with its relative-change ``tol`` (start vector seeded identically in every
-  run) -- at the loosest tol in 1e-1, 1e-2, ... whose result is within ``--target`` (relative)
-  of the reference; those runs are timed.  ``ratio`` = PyHessian time / ours (>= 1: ours at
-  least as fast at equal accuracy); null when a method never reaches the target (PyHessian's
-  power iteration stalls near 1e-6 here: the top two eigenvalues are close).
-* ``same_iterations``: both run plain power iteration for ``--iters`` products from the same
-  start (per-product cost; their iterates agree to rounding).
+each installed with ``pip install --no-deps`` (so that torch is never touched) before this runs;
+``.ci``'s environment does not need them.  A missing package is reported as such, with no ratio.
 
-Times are the best of ``--repeats`` interleaved runs (wall clock), set-up included (building the
-gradient graph is part of each method).  Prints one JSON line.
-Usage: ``python benchmarks/top_eigenvalue.py [--batch 64] [--iters 100] [--no-install]``.
+Two networks, batch 128, float32, PyTorch's default initialisation, inputs uniform in [0, 1] and
+random labels, cross-entropy (mean): ``cnn`` -- LeNet-5 for 3x32x32 images (conv 6@5x5, tanh,
+avg-pool 2, conv 16@5x5, tanh, avg-pool 2, 400-120-84-10 with tanh; 62,006 weights) -- and
+``mlp`` -- 784-300-10 with a sigmoid (F Sec. 5's MNIST network; 238,510 weights).
+
+* ``cold``: every method from a random start.  The reference is a tight Lanczos run in float64
+  (tol 1e-10; curvlinops' own tight run is reported beside it as an independent check).  Each
+  method runs at the loosest ``tol`` of 1e-1, 1e-2, ..., 1e-8 whose value is within ``--target``
+  (relative) of the reference; those runs are timed.
+* ``tracking``: the use that motivates a warm start -- the top eigenvalue followed along a
+  training run.  ``--points`` weights 10 full-batch SGD steps apart (lr 0.05); at each point after
+  the first, ours starts from the previous point's Ritz vector (``start=``) and eigsh from the
+  same vector (``v0=``); PyHessian cannot take one and starts cold.  Each method uses the loosest
+  ``tol`` meeting the target at every point; the time is the sum over the points after the first.
+
+Times are wall clock, set-up included (building the gradient graph or operator is part of each
+method), the minimum over ``--repeats`` (>= 5) interleaved rounds, one thread.  ``products``:
+Hessian-vector products (counted in an untimed run).  Prints one JSON line; ratios > 1 mean
+smoothchain is faster.  Usage: ``python benchmarks/top_eigenvalue.py [--repeats 5] [--points 4]``.
 """
 
 from __future__ import annotations
@@ -30,164 +39,259 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import subprocess
 import sys
 import time
+from collections.abc import Callable
 
+import numpy as np
 import torch
+from torch import nn
 
 from smoothchain.estimators import flat_parameters, hessian_top_eig, objective
-from smoothchain.models import builtin
-from smoothchain.torch_chain import torch_module
+
+TOLS = tuple(10.0 ** -k for k in range(1, 9))
 
 
-def load_pyhessian(install: bool):
-    """The ``pyhessian.hessian`` class, installing the package (without dependencies) if asked."""
+def lenet5() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 5), nn.Tanh(), nn.AvgPool2d(2), nn.Conv2d(6, 16, 5), nn.Tanh(), nn.AvgPool2d(2),
+        nn.Flatten(), nn.Linear(400, 120), nn.Tanh(), nn.Linear(120, 84), nn.Tanh(), nn.Linear(84, 10))
+
+
+def mlp784() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(784, 300), nn.Sigmoid(), nn.Linear(300, 10))
+
+
+NETWORKS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "cnn": (lenet5, (3, 32, 32)),
+    "mlp": (mlp784, (784,)),
+}
+
+
+def optional(name: str):
     try:
-        return importlib.import_module("pyhessian").hessian
-    except Exception:
-        if not install:
-            return None
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "pyhessian"],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(f"top_eigenvalue: pip install pyhessian failed: {proc.stderr.strip()[-300:]}", file=sys.stderr)
-        return None
-    try:
-        importlib.invalidate_caches()
-        return importlib.import_module("pyhessian").hessian
-    except Exception as err:  # e.g. it does not import with this PyTorch
-        print(f"top_eigenvalue: pyhessian does not import: {err}", file=sys.stderr)
+        return importlib.import_module(name)
+    except Exception as err:  # missing, or does not import with this torch
+        print(f"top_eigenvalue: {name} unavailable ({type(err).__name__}: {err}); "
+              f"install it with: pip install --no-deps {name}", file=sys.stderr)
         return None
 
 
-def pyhessian_power(model, x, y, v0: list[torch.Tensor], iters: int, tol: float = 0.0) -> tuple[float, int]:
-    """PyHessian's ``hessian.eigenvalues(maxIter=iters, tol=tol, top_n=1)`` loop for one batch,
-    from the start ``v0``; returns (eigenvalue, products)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    out = model(x)
-    loss = torch.nn.functional.cross_entropy(out, y)
-    grads = torch.autograd.grad(loss, params, create_graph=True)  # PyHessian: backward(create_graph) + p.grad
-    v = [t.clone() for t in v0]
-    eigenvalue, k = None, 0
-    for k in range(1, iters + 1):
-        Hv = torch.autograd.grad(grads, params, grad_outputs=v, only_inputs=True, retain_graph=True)
-        tmp = float(sum(torch.sum(a * b) for a, b in zip(Hv, v)))  # group_product
-        norm = torch.sqrt(sum(torch.sum(h * h) for h in Hv))  # normalization
-        v = [h / (norm + 1e-6) for h in Hv]
-        if eigenvalue is not None and abs(eigenvalue - tmp) / (abs(eigenvalue) + 1e-6) < tol:
-            break
-        eigenvalue = tmp
-    return tmp, k
+class Methods:
+    """The three methods on one (model, batch); each call returns (|eigenvalue|, unit vector or None)."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, pyhessian, curvlinops, seed: int):
+        self.model, self.x, self.y, self.seed = model, x, y, seed
+        self.pyhessian, self.curvlinops = pyhessian, curvlinops
+        self.criterion = nn.CrossEntropyLoss()
+        self.products = 0
+
+    def ours(self, tol: float, start: torch.Tensor | None = None):
+        w = flat_parameters(self.model)
+        est = hessian_top_eig(objective(self.model, self.x, self.y), w, iters=500, tol=tol, seed=self.seed,
+                              start=start)
+        self.products = est.iterations
+        return est.value, est.vectors[0]
+
+    def pyhessian_power(self, tol: float, start=None):
+        del start  # no start-vector argument in its API
+        torch.manual_seed(self.seed)  # its torch.randn start vector
+        self.model.zero_grad(set_to_none=True)  # it reads p.grad
+        module = sys.modules["pyhessian.hessian"]  # the module (``pyhessian.hessian`` is the class)
+        h = module.hessian(self.model, self.criterion, data=(self.x, self.y), cuda=False)
+        inner, count = module.hessian_vector_product, [0]
+
+        def counted(*a, **k):
+            count[0] += 1
+            return inner(*a, **k)
+
+        module.hessian_vector_product = counted
+        try:
+            (value,), _ = h.eigenvalues(maxIter=10_000, tol=tol, top_n=1)
+        finally:
+            module.hessian_vector_product = inner
+            self.model.zero_grad(set_to_none=True)
+        self.products = count[0]
+        return abs(value), None
+
+    def curvlinops_eigsh(self, tol: float, start: torch.Tensor | None = None):
+        from scipy.sparse.linalg import LinearOperator, eigsh
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        H = self.curvlinops.HessianLinearOperator(self.model, self.criterion, params, [(self.x, self.y)],
+                                                  check_deterministic=False).to_scipy()
+        count = [0]
+
+        def matvec(v):
+            count[0] += 1
+            return H @ v
+
+        op = LinearOperator(H.shape, matvec=matvec, dtype=H.dtype)
+        if start is None:
+            v0 = np.random.default_rng(self.seed).standard_normal(H.shape[0])
+        else:
+            v0 = start.detach().double().numpy()
+        vals, vecs = eigsh(op, k=1, which="LM", tol=tol, v0=v0.astype(H.dtype))
+        self.products = count[0]
+        vec = torch.as_tensor(vecs[:, 0].copy(), dtype=self.x.dtype)
+        return float(abs(vals[0])), vec / vec.norm()
 
 
-def best_time(fn, repeats: int):
-    times, result = [], None
+def reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    m64 = _copy(model).double()
+    w = flat_parameters(m64)
+    return hessian_top_eig(objective(m64, x.double(), y), w, iters=2000, tol=1e-10).value
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def best(fn: Callable[[], object], repeats: int) -> float:
+    times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        result = fn()
+        fn()
         times.append(time.perf_counter() - t)
-    return min(times), result
+    return min(times)
 
 
-def main(argv=None) -> None:
+def loosest(run: Callable[[float], float], ref: float, target: float) -> tuple[float | None, float]:
+    """The loosest tol of TOLS whose run is within ``target`` of ``ref`` (None if none), and its error."""
+    err = float("inf")
+    for tol in TOLS:
+        err = abs(run(tol) - ref) / ref
+        if err <= target:
+            return tol, err
+    return None, err
+
+
+def bench_network(name: str, args, pyhessian, curvlinops) -> dict:
+    make, shape = NETWORKS[name]
+    torch.manual_seed(args.seed)
+    model = make()
+    gen = torch.Generator().manual_seed(args.seed)
+    x = torch.rand((args.batch, *shape), generator=gen)
+    y = torch.randint(0, 10, (args.batch,), generator=gen)
+    methods = Methods(model, x, y, pyhessian, curvlinops, args.seed)
+    available = {"ours": methods.ours}
+    if pyhessian is not None:
+        available["pyhessian"] = methods.pyhessian_power
+    if curvlinops is not None:
+        available["curvlinops"] = methods.curvlinops_eigsh
+    out: dict = {"parameters": flat_parameters(model).numel()}
+
+    # ---- cold: random start, equal accuracy
+    ref = reference(model, x, y)
+    out["reference_eigenvalue"] = ref
+    if curvlinops is not None:
+        out["curvlinops_tight_relative_difference"] = abs(methods.curvlinops_eigsh(1e-10)[0] - ref) / ref
+    for fn in available.values():
+        fn(1e-1)  # warm-up: first-call initialisation of torch.func / autograd
+    cold: dict = {}
+    for key, fn in available.items():
+        tol, err = loosest(lambda t, fn=fn: fn(t)[0], ref, args.target)
+        cold[key] = {"tol": tol, "relative_error": err}
+        if tol is not None:
+            fn(tol)
+            cold[key]["products"] = methods.products
+    timed = {k: v["tol"] for k, v in cold.items() if v["tol"] is not None}
+    seconds = {k: [] for k in timed}
+    for _ in range(args.repeats):  # interleaved rounds
+        for key, tol in timed.items():
+            seconds[key].append(best(lambda: available[key](tol), 1))
+    for key in timed:
+        cold[key]["seconds"] = min(seconds[key])
+    out["cold"] = cold
+    out["cold_ratios"] = _ratios(cold)
+
+    # ---- tracking: points along a full-batch SGD run, warm starts where the API takes one
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    points = []
+    for p in range(args.points):
+        if p:
+            for _ in range(10):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+        points.append(({k: v.detach().clone() for k, v in model.state_dict().items()}, reference(model, x, y)))
+
+    def along(key: str, tol: float, record: bool = False) -> tuple[float, float, list[int]]:
+        """Run ``key`` at every point (warm starts from the previous point's vector); returns the
+        largest relative error, the seconds summed over the points after the first, and products."""
+        worst, total, products, vec = 0.0, 0.0, [], None
+        for i, (state, ref_i) in enumerate(points):
+            model.load_state_dict(state)
+            t = time.perf_counter()
+            value, new = available[key](tol, vec)
+            if i:
+                total += time.perf_counter() - t
+                products.append(methods.products)
+            vec = new
+            worst = max(worst, abs(value - ref_i) / ref_i)
+        return worst, total, products
+
+    tracking: dict = {}
+    for key in available:
+        tol = next((t for t in TOLS if along(key, t)[0] <= args.target), None)
+        tracking[key] = {"tol": tol}
+        if tol is not None:
+            err, _, products = along(key, tol)
+            tracking[key].update(relative_error=err, products=products)
+    seconds = {k: [] for k, v in tracking.items() if v["tol"] is not None}
+    for _ in range(args.repeats):
+        for key in seconds:
+            seconds[key].append(along(key, tracking[key]["tol"])[1])
+    for key in seconds:
+        tracking[key]["seconds"] = min(seconds[key])
+    out["tracking"] = {"points": args.points, "sgd_steps_between": 10, **tracking}
+    out["tracking_ratios"] = _ratios(tracking)
+    return out
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def _ratios(results: dict) -> dict:
+    ours = results["ours"].get("seconds")
+    return {f"{k}_over_ours": (v["seconds"] / ours if ours and v.get("seconds") else None)
+            for k, v in results.items() if k != "ours"}
+
+
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--iters", type=int, default=100, help="products for the same-iterations comparison")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--points", type=int, default=4, help="points along the run for 'tracking'")
+    ap.add_argument("--target", type=float, default=1e-3, help="relative error every method must reach")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--target", type=float, default=1e-5, help="relative error both methods must reach")
-    ap.add_argument("--no-install", action="store_true", help="do not pip-install pyhessian if missing")
     args = ap.parse_args(argv)
+    if args.repeats < 1 or args.points < 2:
+        ap.error("--repeats must be >= 1 and --points >= 2")
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    model = torch_module(builtin("cnn").components).double()
-    x = torch.randn(args.batch, 1, 8, 8, dtype=torch.float64)
-    y = torch.randint(0, 10, (args.batch,))
-    w = flat_parameters(model)
-    F = objective(model, x, y, loss="cross-entropy")
-    reference = hessian_top_eig(F, w, method="lanczos", iters=min(w.numel(), 1000), tol=1e-12).value
-
-    PyHessian = load_pyhessian(install=not args.no_install)
-    criterion = torch.nn.CrossEntropyLoss()
-
-    def theirs(tol: float, max_iter: int) -> tuple[float, int]:
-        if PyHessian is None:
-            gen = torch.Generator().manual_seed(args.seed)
-            v0 = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in model.parameters()]
-            norm = torch.sqrt(sum((t * t).sum() for t in v0))
-            return pyhessian_power(model, x, y, [t / norm for t in v0], max_iter, tol)
-        model.zero_grad(set_to_none=True)  # PyHessian reads p.grad: no stale graph-carrying grads
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(torch.float64)  # its torch.randn start vector, in the model's dtype
-        try:
-            torch.manual_seed(args.seed)
-            h = PyHessian(model, criterion, data=(x, y), cuda=False)
-            (value,), _ = h.eigenvalues(maxIter=max_iter, tol=tol, top_n=1)
-        finally:
-            torch.set_default_dtype(default)
-            model.zero_grad(set_to_none=True)
-        return value, -1  # the package does not report its iteration count
-
-    def ours(tol: float):
-        F_ = objective(model, x, y, loss="cross-entropy")
-        return hessian_top_eig(F_, w, method="lanczos", iters=500, tol=tol)
-
-    def loosest(run, error) -> tuple[float | None, float]:
-        """The loosest tol in 1e-1, 1e-2, ..., 1e-14 whose result meets the target (None if none
-        does), and the error reached at it (or the best error seen)."""
-        tol, best = 1e-1, float("inf")
-        while tol >= 1e-14:
-            err = error(run(tol))
-            best = min(best, err)
-            if err <= args.target:
-                return tol, err
-            tol /= 10
-        return None, best
-
-    ours(1e-3), theirs(1e-3, 10)  # warm-up (first-call initialisation of torch.func and autograd)
-    rel = lambda value: abs(abs(value) - reference) / abs(reference)  # noqa: E731
-    tol_ours, err_ours = loosest(ours, lambda e: rel(e.value))
-    tol_theirs, err_theirs = loosest(lambda t: theirs(t, 100000), lambda r: rel(r[0]))
-    t_ours = best_time(lambda: ours(tol_ours), args.repeats)[0] if tol_ours else None
-    t_theirs = best_time(lambda: theirs(tol_theirs, 100000), args.repeats)[0] if tol_theirs else None
-    products_ours = ours(tol_ours).iterations if tol_ours else None
-    products_theirs = theirs(tol_theirs, 100000)[1] if tol_theirs and PyHessian is None else None
-
-    # same number of power-iteration products from the same start vector (per-product cost)
-    gen = torch.Generator().manual_seed(0)
-    v = torch.randn(w.shape, generator=gen, dtype=w.dtype)
-    v = v / v.norm()
-    v0, pos = [], 0
-    for p in model.parameters():
-        v0.append(v[pos : pos + p.numel()].view_as(p).clone())
-        pos += p.numel()
-    t_power_ours, power_ours = best_time(
-        lambda: hessian_top_eig(objective(model, x, y, loss="cross-entropy"), w, method="power", iters=args.iters,
-                                tol=1e-300, seed=0).value, args.repeats)
-    t_power_theirs, (power_theirs, _) = best_time(lambda: pyhessian_power(model, x, y, v0, args.iters), args.repeats)
-
-    print(json.dumps({
-        "benchmark": "top_eigenvalue",
-        "baseline": "pyhessian " + getattr(sys.modules.get("pyhessian"), "__version__", "0.1") if PyHessian else
-                    "double-backward re-implementation of PyHessian's loop",
-        "model": "cnn (1x8x8, conv8-conv16-fc10, softplus, avg pool)", "parameters": w.numel(), "batch": args.batch,
-        "dtype": "float64", "threads": args.threads, "torch": torch.__version__, "reference_eigenvalue": reference,
-        "equal_accuracy": {
-            "target_relative_error": args.target,
-            "ours": {"method": "lanczos", "tol": tol_ours, "seconds": t_ours, "products": products_ours,
-                     "relative_error": err_ours},
-            "pyhessian": {"method": "power", "tol": tol_theirs, "seconds": t_theirs, "products": products_theirs,
-                          "relative_error": err_theirs},
-            "ratio_pyhessian_over_ours": (t_theirs / t_ours) if t_ours and t_theirs else None,
-        },
-        "same_iterations": {
-            "iterations": args.iters, "ours_s": t_power_ours, "pyhessian_s": t_power_theirs,
-            "ratio_pyhessian_over_ours": t_power_theirs / t_power_ours,
-            "relative_difference": abs(power_ours - abs(power_theirs)) / abs(power_theirs),
-        },
-    }))
+    pyhessian = optional("pyhessian")
+    if pyhessian is not None:
+        importlib.import_module("pyhessian.hessian")
+    curvlinops = optional("curvlinops")
+    result = {
+        "benchmark": "top_eigenvalue", "target_relative_error": args.target, "batch": args.batch,
+        "dtype": "float32", "threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
+        "pyhessian": _version("pyhessian") if pyhessian else None,
+        "curvlinops": _version("curvlinops-for-pytorch") if curvlinops else None,
+        "networks": {name: bench_network(name, args, pyhessian, curvlinops) for name in args.networks},
+    }
+    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

@@ -290,6 +290,34 @@ def test_objective_value(case):
     assert torch.allclose(d.F(d.w0), expected, rtol=1e-13, atol=0)
 
 
+class _ViewNet(nn.Module):
+    """A CNN whose forward needs the default memory layout (``.view`` of a feature map)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.fc = nn.Linear(3 * 3 * 3, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x))
+        return self.fc(h.view(h.size(0), -1))
+
+
+def test_a_forward_that_needs_the_default_layout_still_works():
+    torch.manual_seed(0)
+    model = _ViewNet().double()
+    x = torch.randn(5, 2, 5, 5, dtype=torch.float64)
+    y = torch.randint(0, 4, (5,))
+    with pytest.raises(RuntimeError):  # the layout the estimators try first
+        model(x.contiguous(memory_format=torch.channels_last))
+    F = objective(model, x, y)
+    w0 = flat_parameters(model)
+    assert torch.allclose(F(w0), nn.functional.cross_entropy(model(x), y), rtol=1e-13, atol=0)
+    H = hessian(F)(w0)
+    est = hessian_top_eig(F, w0, iters=500, tol=1e-10)
+    assert abs(est.value - float(torch.linalg.eigvalsh(H).abs().max())) <= 1e-8 * est.value
+
+
 def test_bad_arguments():
     d = dense("affine")
     with pytest.raises(ValueError, match="loss"):
@@ -392,6 +420,40 @@ def test_lanczos_needs_fewer_products_than_power():
     lanczos = hessian_top_eig(d.F, d.w0, method="lanczos", iters=2000, tol=1e-8)
     assert lanczos.converged and power.converged
     assert lanczos.iterations <= min(power.iterations, d.w0.numel())
+
+
+@pytest.mark.parametrize("case", ["mlp-tanh-m3", "cnn-softplus-avgpool"])
+def test_warm_start_from_a_nearby_eigenvector_needs_fewer_products(case):
+    d = dense(case)
+    eigs, vecs = torch.linalg.eigh(d.H)
+    top = int(eigs.abs().argmax())
+    exact, u = float(eigs[top].abs()), vecs[:, top]
+    cold = hessian_top_eig(d.F, d.w0, iters=2000, tol=1e-6)
+    # a start near the top eigenvector (as the previous call's along a run), any scale
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(u.shape, generator=gen, dtype=u.dtype)
+    near = 7.0 * (u + 0.05 * noise / noise.norm())
+    warm = hessian_top_eig(d.F, d.w0, iters=2000, tol=1e-6, start=near)
+    assert cold.converged and warm.converged
+    assert_close(warm, exact)
+    assert warm.value <= exact * (1 + 1e-12)
+    assert warm.iterations < cold.iterations
+    # the exact eigenvector: one product, the eigenvalue itself
+    exact_start = hessian_top_eig(d.F, d.w0, iters=2000, tol=1e-6, start=u)
+    assert exact_start.iterations <= 2 and abs(exact_start.value - exact) <= 1e-9 * exact
+    # the seed plays no part once a start is given
+    again = hessian_top_eig(d.F, d.w0, iters=2000, tol=1e-6, start=near, seed=5)
+    assert again.value == warm.value and again.iterations == warm.iterations
+
+
+@pytest.mark.parametrize("method", ["power", "lanczos"])
+def test_start_vector_is_checked(method):
+    d = dense("mlp-tanh-m3")
+    with pytest.raises(ValueError, match="start must be a tensor of the weights' shape"):
+        hessian_top_eig(d.F, d.w0, method=method, start=torch.ones(3, dtype=d.w0.dtype))
+    for bad in (torch.zeros_like(d.w0), torch.full_like(d.w0, float("nan"))):
+        with pytest.raises(ValueError, match="finite nonzero"):
+            hessian_top_eig(d.F, d.w0, method=method, start=bad)
 
 
 @pytest.mark.parametrize("case", ["mlp-tanh-m3", "cnn-softplus-avgpool"])
