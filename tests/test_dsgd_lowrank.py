@@ -10,14 +10,17 @@ independent dense SVD, and the certified quantities it relies on (issue 5 item 4
 
 from __future__ import annotations
 
+import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from smoothchain.dsgd.lowrank import certified_direction, polar_core  # noqa: E402
+from smoothchain.dsgd.lowrank import certified_direction, polar_core, small_direction, small_polar  # noqa: E402
 from smoothchain.optim import DSGD  # noqa: E402
 
 CASES = [  # (r, m, c, bias, dtype, rank-deficient inputs)
@@ -67,7 +70,7 @@ def test_dense_core_matches_svd_polar_factor():
     assert ip == pytest.approx(S.sum(), rel=1e-12) and 1.0 <= bound <= 1 + 1e-10
 
 
-def _net(seed, widths=(40, 30, 5)):
+def _net(seed, widths=(80, 70, 5)):  # layer 1: min(r, c) = 70 > 64, hooked
     torch.manual_seed(seed)
     mods = []
     for a, b in zip(widths, widths[1:]):
@@ -102,7 +105,7 @@ def test_hooked_dsgd_matches_svd_reference(variant):
     opt = DSGD(net, q=2, variant=variant, mode="stochastic")
     assert opt._hooks
     for _ in range(10):
-        x = torch.rand(8, 40, generator=g, dtype=torch.float64)
+        x = torch.rand(8, 80, generator=g, dtype=torch.float64)
         z = torch.rand(8, 5, generator=g, dtype=torch.float64)
         opt.zero_grad()
         ((net(x) - z) ** 2).sum(1).mean().backward()
@@ -121,7 +124,7 @@ def test_hooked_dsgd_matches_svd_reference(variant):
 def test_stale_records_fall_back_to_dense():
     net = _net(4)
     opt = DSGD(net, q=2, mode="stochastic")
-    x = torch.rand(8, 40, dtype=torch.float64)
+    x = torch.rand(8, 80, dtype=torch.float64)
     z = torch.rand(8, 5, dtype=torch.float64)
     ((net(x) - z) ** 2).sum(1).mean().backward()
     net.zero_grad()  # not the optimizer's zero_grad: records become stale
@@ -160,7 +163,7 @@ def test_q2_routes_agree(variant):
     assert opts["auto"]._hooks and not opts["svd"]._hooks
     g = torch.Generator().manual_seed(8)
     for _ in range(6):
-        x = torch.rand(8, 40, generator=g, dtype=torch.float64)
+        x = torch.rand(8, 80, generator=g, dtype=torch.float64)
         z = torch.rand(8, 5, generator=g, dtype=torch.float64)
         for m, net in nets.items():
             opts[m].zero_grad()
@@ -171,3 +174,34 @@ def test_q2_routes_agree(variant):
         for m in ("gram", "auto"):
             for a, b in zip(ref, nets[m].parameters()):
                 torch.testing.assert_close(b.detach(), a, rtol=1e-7, atol=1e-12)
+
+
+# ---- the small dense route (min(r, c) <= 64, CPU, NumPy) --------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(r=st.integers(1, 64), extra=st.integers(0, 150), rank=st.integers(1, 64),
+       dtype=st.sampled_from([torch.float32, torch.float64]), scale=st.sampled_from([1e-20, 1e-3, 1.0, 1e15]),
+       seed=st.integers(0, 2**16))
+def test_small_route_is_the_polar_factor_with_certified_ip_and_bound(r, extra, rank, dtype, scale, seed):
+    c = r + extra
+    g = torch.Generator().manual_seed(seed)
+    k = min(rank, r)
+    G = (torch.randn(r, k, generator=g, dtype=torch.float64) @ torch.randn(k, c, generator=g, dtype=torch.float64))
+    G = (G * scale).to(dtype)
+    sp = small_polar(G)
+    G64 = G.to(torch.float64)
+    S = torch.linalg.svdvals(G64)
+    assert sp.nuclear == pytest.approx(float(S.sum()), rel=1e-6)
+    Q, ip, bound = small_direction(sp, dtype)
+    assert Q.dtype == dtype and Q.shape == G.shape
+    Qd = Q.to(torch.float64)
+    exact_ip = math.fsum((G64 * Qd).reshape(-1).tolist())  # products exact: float32 x float32 in float64
+    assert ip <= exact_ip
+    assert bound >= float(torch.linalg.matrix_norm(Qd, ord=2))
+    assert ip / bound <= float(S.sum()) * (1 + 1e-6)  # the certified dual norm never exceeds ||G||_*
+    assert ip / bound >= float(S.sum()) * (1 - 1e-3)  # and is not loose
+
+
+def test_small_route_zero_gradient():
+    sp = small_polar(torch.zeros(3, 7))
+    assert sp.nuclear == 0.0
+    assert small_direction(sp, torch.float32) == (None, 0.0, 1.0)

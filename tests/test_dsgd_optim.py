@@ -601,11 +601,16 @@ def test_row_norm_bounds_are_upper_bounds(rows, cols, scale, dtype, seed):
 
 
 def test_q2_hooks_record_only_layers_whose_factors_can_serve():
-    """A layer whose batch reaches min(r, c) is not recorded (its dense core is as small)."""
+    """A small layer (min(r, c) <= 64) is not hooked, and a large one whose batch reaches
+    min(r, c) is not recorded: their dense cores are as small as the factored ones."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(50, 40), nn.Sigmoid(), nn.Linear(40, 3), nn.Sigmoid())
+    net = nn.Sequential(nn.Linear(100, 80), nn.Sigmoid(), nn.Linear(80, 3), nn.Sigmoid())
     opt = DSGD(net, q=2)
-    x = torch.rand(8, 50)
+    assert len(opt._hooks) == 1
+    (net(torch.rand(90, 100)) - 0.5).pow(2).sum(1).mean().backward()  # 90 >= min(80, 101)
+    assert [len(r) for r in opt._records] == [0, 0]
+    opt.zero_grad()
+    x = torch.rand(8, 100)
     (net(x) - 0.5).pow(2).sum(1).mean().backward()
     assert [len(r) for r in opt._records] == [1, 0]
     before = [p.detach().clone() for p in net.parameters()]

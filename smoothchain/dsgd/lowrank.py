@@ -47,9 +47,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-__all__ = ["PolarCore", "polar_core", "certified_direction", "unit_roundoff", "gamma"]
+__all__ = ["PolarCore", "polar_core", "certified_direction", "SmallPolar", "small_polar", "small_direction",
+           "unit_roundoff", "gamma"]
 
 #: eigenvalues of S below ``EIG_RTOL * lambda_max`` are treated as zero (they are rounding noise:
 #: eig(S) in float64 has absolute errors ~ m u_64 lambda_max).
@@ -177,3 +179,68 @@ def certified_direction(core: PolarCore, A: torch.Tensor | None, Bm: torch.Tenso
         n = GW.numel()
     ip -= (unit_roundoff(dtype) + gamma(n, u64)) * 1.01 * g_fro * q_fro
     return QW, qb, ip, bound
+
+
+# --------------------------------------------------------------------------------------------
+# small dense gradients on the CPU: one eigendecomposition of the small Gram matrix, in NumPy
+@dataclass
+class SmallPolar:
+    """Polar pieces of a dense CPU gradient G (r x c, r <= c after an optional transpose): the
+    eigendecomposition K = G G^T = U Lam U^T in float64 and M = U Lam^{-1/2} U^T on the kept
+    range, so that U V^T = M G.  NumPy arrays (float64)."""
+
+    nuclear: float  # ||G||_* = sum_i sqrt(Lam_i) (for the greedy choice)
+    M: np.ndarray | None  # r x r (None: G = 0)
+    G64: np.ndarray  # G in float64 (exact copy)
+    g_fro2: float  # an upper bound on ||G||_F^2
+
+
+def small_polar(G: torch.Tensor) -> SmallPolar:
+    """:class:`SmallPolar` of a CPU tensor G (r x c with r <= c; float32 or float64): the route
+    for layers with min(r, c) <= 64, where the general route's fifty small torch operations
+    (about 5 us each, more after a forward and backward pass have evicted the caches) cost far
+    more than the arithmetic; NumPy's operations on such arrays cost about 1 us
+    (benchmarks/dsgd_step.py)."""
+    G64 = G.detach().numpy().astype(np.float64)
+    r, c = G64.shape
+    K = G64 @ G64.T
+    lam, U = np.linalg.eigh(K)
+    lmax = float(lam[-1])
+    g_fro2 = float(np.trace(K)) * (1.0 + 2 * gamma(c + r + 1, torch.float64))
+    if not lmax > 0.0 or not math.isfinite(lmax):
+        return SmallPolar(0.0, None, G64, g_fro2)
+    keep = lam > lmax * EIG_RTOL
+    lam_k, U_k = lam[keep], U[:, keep]
+    nuclear = float(np.sqrt(lam_k).sum())
+    return SmallPolar(nuclear, (U_k / np.sqrt(lam_k)) @ U_k.T, G64, g_fro2)
+
+
+def small_direction(sp: SmallPolar, dtype: torch.dtype):
+    """(Q^, ip, bound) for a :class:`SmallPolar`: Q^ = fl(M G) as a tensor of ``dtype`` (~ U V^T,
+    F eq. 28), ``ip`` <= <G, Q^> and ``bound`` >= ||Q^||_2 certified; (None, 0, 1) for G = 0.
+
+    * ||Q^||_2^2 = lambda_max(Q^ Q^^T): C = fl64(Q^ Q^^T) from the exact float64 copy of Q^ has
+      ||C - Q^ Q^^T||_2 <= gamma_{c+1} ||Q^||_F^2, and the computed top eigenvalue of C is within
+      8 (r + 1) u_64 ||C||_2 of the exact one (backward stability of the symmetric eigensolver,
+      with a generous constant); ||Q^||_F^2 <= tr C (1 + 2 gamma_{c+r+1}).
+    * <G, Q^> in float64 from the exact float64 copies: a product of two float32 numbers is exact
+      in float64 (48 significant bits <= 53; float64 layers add u_64 per product), and the sum of
+      the n = r c terms is within gamma_{n+1} ||G||_F ||Q^||_F.
+    """
+    if sp.M is None:
+        return None, 0.0, 1.0
+    r, c = sp.G64.shape
+    Q = (sp.M @ sp.G64).astype(np.float32 if dtype == torch.float32 else np.float64)
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"small_direction: float32 or float64 layers only, got {dtype}")
+    Qd = Q.astype(np.float64)
+    C = Qd @ Qd.T
+    top = float(np.linalg.eigvalsh(C)[-1])
+    u64 = unit_roundoff(torch.float64)
+    q_fro2 = float(np.trace(C)) * (1.0 + 2 * gamma(c + r + 1, torch.float64))
+    slack = (gamma(c + 1, torch.float64) + 8 * (r + 1) * u64) * q_fro2
+    bound = math.sqrt(max(top, 0.0) + slack) * (1.0 + 4 * u64)
+    inexact_products = u64 if dtype == torch.float64 else 0.0
+    ip = float(np.einsum("ij,ij->", sp.G64, Qd))
+    ip -= (gamma(r * c + 1, torch.float64) + inexact_products) * 1.01 * math.sqrt(sp.g_fro2 * q_fro2)
+    return torch.from_numpy(Q), ip, bound

@@ -70,7 +70,7 @@ import torch
 from torch import Tensor, nn
 
 from ..dsgd.bounds import ChainConstants, check_data, check_data_bound, parse_model
-from ..dsgd.lowrank import certified_direction, polar_core, unit_roundoff
+from ..dsgd.lowrank import certified_direction, polar_core, small_direction, small_polar, unit_roundoff
 from ..dsgd.lowrank import gamma as gamma_n  # the rounding constant gamma_n = nu / (1 - nu)
 from ..dsgd.norms import check_q, duality_map, spectral_norm
 from ..dsgd.sign import SignDual, apply_sign_step, sign_dual
@@ -290,7 +290,8 @@ class PolarDual(NamedTuple):
 
     ``kind`` "svd": ``core`` is rho_2(G) (F eq. 28, float64), ``data`` None; "factored": ``core``
     the m x m :class:`~smoothchain.dsgd.lowrank.PolarCore` of A [X | 1], ``data`` (A, X);
-    "dense": ``core`` the core of the dense gradient, ``data`` (G, transposed)."""
+    "dense": ``core`` the core of the dense gradient, ``data`` (G, transposed); "small" (min(r, c)
+    <= 64): ``core`` the :class:`~smoothchain.dsgd.lowrank.SmallPolar` of the dense gradient."""
 
     kind: str
     norm: float
@@ -310,6 +311,9 @@ def polar_dual(GW: Tensor, gb: Tensor | None, method: str, factors=None) -> Pola
         return PolarDual("factored", core.nuclear, core, (A, X))
     G = _matrix(GW, gb)
     transposed = G.shape[0] > G.shape[1]
+    if min(G.shape) <= EXACT_NORM_MAX and G.device.type == "cpu" and G.dtype in (torch.float32, torch.float64):
+        sp = small_polar(G.T if transposed else G)
+        return PolarDual("small", sp.nuclear, sp, (G, transposed))
     core = polar_core(None, G.T if transposed else G)
     return PolarDual("dense", core.nuclear, core, (G, transposed))
 
@@ -334,6 +338,12 @@ def polar_direction(dual: PolarDual, GW: Tensor, gb: Tensor | None):
         return certified_direction(dual.core, A, X, (GW, gb) if gb is not None else GW,
                                    bias_column=gb is not None)
     G, transposed = dual.data
+    if dual.kind == "small":
+        Q, ip, bound = small_direction(dual.core, G.dtype)
+        if Q is None:
+            return None, None, 0.0, 1.0
+        Q = Q.T if transposed else Q
+        return Q[:, :n], (Q[:, n] if gb is not None else None), ip, bound
     Bm = G.T if transposed else G
     Q, _, ip, bound = certified_direction(dual.core, None, Bm, Bm)
     if Q is None:
@@ -386,10 +396,10 @@ def _row_norm_bounds(M: Tensor) -> Tensor:
 def _polar_screen(p: Sequence[float], duals: PolarDuals) -> list[int]:
     """Layers that can maximise ||g_i||_* / p_i.  Small layers (min(r, c) <= 64) get their
     exact nuclear norm at once; a large layer only gets the upper bound
-    ||G||_* <= min(sqrt(rank) ||G||_F, sum_k ||delta_k|| ||[x_k; 1]||) (rank G <= batch; the
-    second is the triangle inequality over the batch's rank-one terms).  A large layer whose
-    upper bound is below a small layer's exact ratio is never the arg max, so its b x b core
-    is not computed.  Large layers left in the race keep the lower bound ||G||_F."""
+    ||G||_* <= sum_k ||delta_k|| ||[x_k; 1]|| from the hooks' factors (the triangle inequality
+    over the batch's rank-one terms), else ||G||_* <= sqrt(min(r, c)) ||G||_F.  A large layer
+    whose upper bound is below a small layer's exact ratio is never the arg max, so its b x b
+    core is not computed.  Large layers left in the race keep the lower bound ||G||_F."""
     best = 0.0
     upper: dict[int, float] = {}
     for i in range(len(p)):
@@ -401,16 +411,38 @@ def _polar_screen(p: Sequence[float], duals: PolarDuals) -> list[int]:
         fac = duals.factors(i)
         if fac is not None:
             A, X = fac
-            an, xn = _row_norm_bounds(A.T), _row_norm_bounds(X)
-            if gb is not None:
-                xn = (xn * xn + 1.0).sqrt()
-            upper[i] = float((an * xn).sum()) * (1.0 + 1e-12) / p[i]
+            upper[i] = _factor_nuclear_bound(A, X, gb is not None) / p[i]
         else:
-            fro = float(torch.linalg.vector_norm(GW, dtype=torch.float64))
+            fro = float(_row_norm_bounds(GW.reshape(1, -1))[0])
             if gb is not None:
-                fro = math.hypot(fro, float(torch.linalg.vector_norm(gb, dtype=torch.float64)))
+                fro = math.hypot(fro, float(_row_norm_bounds(gb.reshape(1, -1))[0]))
             upper[i] = fro * math.sqrt(min(r, c)) * (1.0 + 1e-12) / p[i]
     return [i for i in range(len(p)) if i not in upper or upper[i] >= best]
+
+
+def _factor_nuclear_bound(A: Tensor, X: Tensor, ones_column: bool) -> float:
+    """An upper bound on sum_k ||a_k|| ||[x_k; 1]|| (a_k the columns of A, x_k the rows of X;
+    without the 1 when not ``ones_column``) >= ||A [X | 1]||_*, computed in the factors' dtype
+    in four operations: each computed norm is within (1 + gamma_{n+1}) of the exact one up to
+    the squares that underflow, which lose at most sqrt(n tiny) (a norm), and a sum of m
+    nonnegative products within gamma_{m+1} (all margins applied to the final float)."""
+    m, n = X.shape
+    r = A.shape[0]
+    a = torch.linalg.vector_norm(A, dim=0)
+    x = torch.linalg.vector_norm(X, dim=1)
+    if ones_column:
+        x = torch.hypot(x, torch.ones((), dtype=x.dtype))
+        n += 1
+    total, sum_a, sum_x = float(a.dot(x)), float(a.sum()), float(x.sum())
+    dtype = X.dtype
+    tiny = torch.finfo(dtype).tiny
+    ea, ex = math.sqrt(r * tiny), math.sqrt(n * tiny)
+    ga, gx, gm = gamma_n(r + 2, dtype), gamma_n(n + 2, dtype), gamma_n(m + 1, dtype)
+    # exact norms: a_k <= ca_k (1 + ga) + ea, x_k <= cx_k (1 + gx) + ex, so
+    # sum a_k x_k <= (1+ga)(1+gx) sum ca_k cx_k + ex (1+ga) sum ca_k + ea (1+gx) sum cx_k + m ea ex,
+    # and each computed sum is within (1 + gm) of the exact sum of its computed terms
+    bound = ((1 + ga) * (1 + gx) * total + ex * (1 + ga) * sum_a + ea * (1 + gx) * sum_x) * (1 + gm) + m * ea * ex
+    return bound * (1.0 + 1e-12)
 
 
 def greedy_polar_layer(p: Sequence[float], duals: PolarDuals, screen: bool = True) -> int:
@@ -634,7 +666,10 @@ class DSGD(torch.optim.Optimizer):
         self._hooks = []
         if capture == "auto" and self.q == 2.0 and method == "auto":
             for i, spec in enumerate(self._layers):
-                self._hooks.append(spec.linear.register_forward_hook(self._make_hook(i)))
+                # a small layer's dense core is no larger than a factored one: no hook (a
+                # module hook costs every forward and backward pass)
+                if min(spec.out_features, spec.in_features + int(spec.bias)) > EXACT_NORM_MAX:
+                    self._hooks.append(spec.linear.register_forward_hook(self._make_hook(i)))
 
     @staticmethod
     def _check_options(variant, mode, method, capture, norm_refresh, bound_scaling) -> None:
