@@ -121,6 +121,55 @@ def test_hooked_dsgd_matches_svd_reference(variant):
             np.testing.assert_allclose(_aug(lin) - before[i], step, rtol=1e-7, atol=1e-13)
 
 
+def test_an_untouched_gradient_is_matched_without_the_probe(monkeypatch):
+    """Autograd's own gradient, unmodified, one record per pass (two passes accumulated here):
+    the records are matched by the bias alone; the step is still F eq. (28) exactly."""
+    import smoothchain.optim.dsgd as dsgd_mod
+
+    calls = []
+    probe = dsgd_mod._probe
+    monkeypatch.setattr(dsgd_mod, "_probe", lambda *a: calls.append(1) or probe(*a))
+    net = _net(6)
+    lins = [m for m in net if isinstance(m, nn.Linear)]
+    opt = DSGD(net, q=2, variant="all", mode="stochastic")
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 6, 80, generator=g, dtype=torch.float64)
+    z = torch.rand(2, 6, 5, generator=g, dtype=torch.float64)
+    opt.zero_grad()
+    for k in range(2):  # gradient accumulation over two passes
+        ((net(x[k]) - z[k]) ** 2).sum(1).mean().backward()
+    assert opt._untouched(0) and len(opt._records[0]) == 2
+    assert opt._factors(0, *opt._grads(0)) is not None
+    before = [_aug(lin) for lin in lins]
+    refs = [_rank_restricted_rho(_aug(lin, grad=True)) for lin in lins]
+    opt.step()
+    assert not calls
+    for i, lin in enumerate(lins):
+        np.testing.assert_allclose(_aug(lin) - before[i], -refs[i][1] / opt.last_p[i] ** 2, rtol=1e-7, atol=1e-13)
+
+
+@pytest.mark.parametrize("change", ["clip", "replace", "scale_bias"])
+def test_a_modified_gradient_is_not_trusted(change):
+    net = _net(8)
+    lin = net[0]
+    opt = DSGD(net, q=2, mode="stochastic")
+    x = torch.rand(8, 80, dtype=torch.float64)
+    ((net(x) - 0.5) ** 2).sum(1).mean().backward()
+    assert opt._untouched(0)
+    with torch.no_grad():
+        if change == "clip":
+            lin.weight.grad.mul_(0.5)  # in place: the version counter moves
+        elif change == "replace":
+            lin.weight.grad = lin.weight.grad * 0.5
+        else:  # the weight gradient untouched, the bias's rescaled: the bias test catches it
+            lin.bias.grad.mul_(0.5)
+    assert opt._untouched(0) == (change == "scale_bias")
+    assert opt._factors(0, *opt._grads(0)) is None  # the records no longer describe .grad
+    before = [p.detach().clone() for p in net.parameters()]
+    opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
 def test_stale_records_fall_back_to_dense():
     net = _net(4)
     opt = DSGD(net, q=2, mode="stochastic")

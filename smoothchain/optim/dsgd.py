@@ -253,11 +253,14 @@ def _probe(probes: list, i: int, c: int, dtype: torch.dtype) -> Tensor:
 
 
 def low_rank_factors(records: Sequence[tuple[Tensor, Tensor]], GW: Tensor, gb: Tensor | None,
-                     probe: Callable[[int, torch.dtype], Tensor]):
+                     probe: Callable[[int, torch.dtype], Tensor], *, untouched: bool = False):
     """(A, X) with [G_W | g_b] = A [X | 1] (A = Delta^T) from a layer's hook records (input X,
     output gradient Delta per backward), or None: no records, not low rank (batch >= min(r, c)),
-    another dtype, or the records do not match the gradient -- [G_W | g_b] v and Delta^T ([X | 1] v)
-    are compared for the fixed random ``v = probe(c, dtype)``."""
+    another dtype, or the records do not match the gradient.  The match: with ``untouched``
+    (G_W is the tensor autograd left after the recorded backward passes, unmodified since --
+    see ``DSGD._untouched``) and a bias, g_b = Delta^T 1 is compared, which catches records
+    of other passes, averaged (DDP) or rescaled gradients; otherwise [G_W | g_b] v and
+    Delta^T ([X | 1] v) for the fixed random ``v = probe(c, dtype)``."""
     if not records:
         return None
     r, n = GW.shape
@@ -271,6 +274,11 @@ def low_rank_factors(records: Sequence[tuple[Tensor, Tensor]], GW: Tensor, gb: T
     D = ds[0] if len(ds) == 1 else torch.cat(ds)
     if X.dtype != GW.dtype or D.dtype != GW.dtype:
         return None
+    if untouched and gb is not None:
+        gap = float(torch.linalg.vector_norm(gb - D.sum(0)))
+        if not gap <= 1e-4 * math.sqrt(m) * float(torch.linalg.vector_norm(D)) + 1e-30:
+            return None
+        return D.T, X
     v = probe(c, GW.dtype)
     vw = v[:n]
     Xv = X @ vw
@@ -358,9 +366,10 @@ class PolarDuals:
     ``records[i]``: layer i's hook records (None: none), ``probes``: per-layer probe cache."""
 
     def __init__(self, grads_w: Sequence[Tensor], grads_b: Sequence[Tensor | None], method: str,
-                 records: Sequence[Sequence] | None, probes: list):
+                 records: Sequence[Sequence] | None, probes: list, untouched: Sequence[bool] | None = None):
         self.grads_w, self.grads_b, self.method = grads_w, grads_b, method
         self.records, self.probes = records, probes
+        self.untouched = untouched
         self.duals: dict[int, PolarDual] = {}
         self._factors: dict[int, tuple | None] = {}
 
@@ -369,7 +378,8 @@ class PolarDuals:
             recs = self.records[i] if self.records is not None else ()
             self._factors[i] = low_rank_factors(
                 recs, self.grads_w[i], self.grads_b[i],
-                lambda c, dtype: _probe(self.probes, i, c, dtype))
+                lambda c, dtype: _probe(self.probes, i, c, dtype),
+                untouched=bool(self.untouched and self.untouched[i]))
         return self._factors[i]
 
     def __call__(self, i: int) -> PolarDual:
@@ -522,7 +532,8 @@ def dsgd_update(weights: Sequence[Tensor], biases: Sequence[Tensor | None],
                 eps: float = 1.0, bound_scaling: bool = True, method: str = "auto",
                 step: int = 0, generator: torch.Generator | None = None,
                 records: Sequence[Sequence] | None = None, probes: list | None = None,
-                abs_buffers: list | None = None, screened: Sequence[bool] | None = None) -> DSGDStep:
+                abs_buffers: list | None = None, screened: Sequence[bool] | None = None,
+                untouched: Sequence[bool] | None = None) -> DSGDStep:
     """One DSGD step (F Algo. 4.1 lines 9-10) on plain tensors, in place and without autograd
     (call it under ``torch.no_grad()``).
 
@@ -533,7 +544,8 @@ def dsgd_update(weights: Sequence[Tensor], biases: Sequence[Tensor | None],
     each moved by s Q with s = :func:`step_size` (``eps`` the theoretical step).  q = 2:
     ``method`` "auto"/"gram"/"svd" as for :class:`DSGD`, ``records[i]`` the (input, output
     gradient) pairs hooked for layer i (None: dense route), ``probes`` a per-layer cache of the
-    records' probe vectors.  q = 1, inf: ``abs_buffers`` per-layer scratch buffers for large
+    records' probe vectors, ``untouched[i]`` whether layer i's weight gradient is known to be
+    autograd's, unmodified, from the recorded passes (:func:`low_rank_factors`).  q = 1, inf: ``abs_buffers`` per-layer scratch buffers for large
     layers (None: temporaries), ``screened`` the q = 1 screening flags (default
     :func:`sign_screened`).  The caller keeps whatever state it needs (weight-norm bounds from
     ``step_norms``)."""
@@ -541,7 +553,7 @@ def dsgd_update(weights: Sequence[Tensor], biases: Sequence[Tensor | None],
     duals: PolarDuals | SignDuals
     if q == 2.0:
         duals = PolarDuals(grads_w, grads_b, method, records,
-                           probes if probes is not None else [None] * K)
+                           probes if probes is not None else [None] * K, untouched)
         chosen = _choose(variant, K, lambda: greedy_polar_layer(p, duals, screen=method != "svd"),
                          generator, step)
     else:
@@ -663,6 +675,7 @@ class DSGD(torch.optim.Optimizer):
         self._abs_bufs: list[Tensor | None] = [None] * K
         self._probes: list[Tensor | None] = [None] * K
         self._records: list[list] = [[] for _ in self._layers]
+        self._seen: list[tuple | None] = [None] * K  # see _untouched
         self._hooks = []
         if capture == "auto" and self.q == 2.0 and method == "auto":
             for i, spec in enumerate(self._layers):
@@ -670,6 +683,7 @@ class DSGD(torch.optim.Optimizer):
                 # module hook costs every forward and backward pass)
                 if min(spec.out_features, spec.in_features + int(spec.bias)) > EXACT_NORM_MAX:
                     self._hooks.append(spec.linear.register_forward_hook(self._make_hook(i)))
+                    self._hooks.append(self._W[i].register_post_accumulate_grad_hook(self._make_watch(i)))
 
     @staticmethod
     def _check_options(variant, mode, method, capture, norm_refresh, bound_scaling) -> None:
@@ -747,6 +761,27 @@ class DSGD(torch.optim.Optimizer):
 
         return hook
 
+    def _make_watch(self, i: int):
+        """After autograd accumulates layer i's weight gradient: remember that tensor, its
+        version and the records so far (:meth:`_untouched`)."""
+        seen, records = self._seen, self._records
+
+        def watch(param):
+            g = param.grad
+            seen[i] = (g, g._version, len(records[i])) if g is not None else None
+
+        return watch
+
+    def _untouched(self, i: int) -> bool:
+        """Whether layer i's weight gradient is the tensor autograd accumulated last, unmodified
+        since (same object, same version counter: any in-place change -- clipping, unscaling,
+        DDP's averaging, weight decay added to it -- bumps it) with one record per recorded
+        pass.  Records of a pass that did not reach ``.grad`` (another ``zero_grad``) are caught
+        by the bias test of :func:`low_rank_factors`."""
+        seen, g = self._seen[i], self._W[i].grad
+        return (seen is not None and g is seen[0] and g._version == seen[1]
+                and seen[2] == len(self._records[i]))
+
     def remove_hooks(self) -> None:
         """Remove the factor-capturing hooks (q = 2 then uses the dense route)."""
         for h in self._hooks:
@@ -757,6 +792,7 @@ class DSGD(torch.optim.Optimizer):
     def _clear_records(self) -> None:
         for r in self._records:
             r.clear()
+        self._seen[:] = [None] * len(self._seen)  # in place: the watches hold this list
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._clear_records()
@@ -766,7 +802,8 @@ class DSGD(torch.optim.Optimizer):
         """(A, X) with [GW | gb] = A [X | 1] (A = Delta^T) if layer i's records match the gradient
         (:func:`low_rank_factors`), else None."""
         recs = self._records[i] if self._hooks else ()
-        return low_rank_factors(recs, GW, gb, lambda c, dtype: _probe(self._probes, i, c, dtype))
+        return low_rank_factors(recs, GW, gb, lambda c, dtype: _probe(self._probes, i, c, dtype),
+                                untouched=bool(self._hooks) and self._untouched(i))
 
     # ----------------------------------------------------------------------------------------
     # weight norms (upper bounds) and p_i
@@ -853,7 +890,8 @@ class DSGD(torch.optim.Optimizer):
             bound_scaling=self.bound_scaling, method=self.method,
             step=state.get("dsgd_step", 0), generator=self._generator,
             records=self._records if self._hooks else None, probes=self._probes,
-            abs_buffers=self._abs_bufs, screened=self._screened)
+            abs_buffers=self._abs_bufs, screened=self._screened,
+            untouched=[self._untouched(i) for i in range(len(self._W))] if self._hooks else None)
         for i, step_norm in result.step_norms.items():
             self._after_update(i, step_norm)
         state["dsgd_step"] = state.get("dsgd_step", 0) + 1
