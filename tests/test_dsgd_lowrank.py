@@ -254,3 +254,13 @@ def test_small_route_zero_gradient():
     sp = small_polar(torch.zeros(3, 7))
     assert sp.nuclear == 0.0
     assert small_direction(sp, torch.float32) == (None, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_small_route_takes_the_bias_column_and_the_transpose(transposed):
+    g = torch.Generator().manual_seed(5)
+    GW, gb = torch.randn(9, 4, generator=g), torch.randn(9, generator=g)
+    G = torch.cat([GW, gb[:, None]], 1)
+    sp = small_polar(GW, gb, transposed)
+    ref = small_polar(G.T.contiguous() if transposed else G)
+    assert sp.nuclear == ref.nuclear and np.array_equal(sp.G64, ref.G64)

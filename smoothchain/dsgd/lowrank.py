@@ -195,13 +195,22 @@ class SmallPolar:
     g_fro2: float  # an upper bound on ||G||_F^2
 
 
-def small_polar(G: torch.Tensor) -> SmallPolar:
-    """:class:`SmallPolar` of a CPU tensor G (r x c with r <= c; float32 or float64): the route
+def small_polar(GW: torch.Tensor, gb: torch.Tensor | None = None, transposed: bool = False) -> SmallPolar:
+    """:class:`SmallPolar` of the CPU matrix G = [G_W | g_b] (g_b None: G_W alone), transposed
+    when ``transposed`` (so that its rows are the fewer; float32 or float64): the route
     for layers with min(r, c) <= 64, where the general route's fifty small torch operations
     (about 5 us each, more after a forward and backward pass have evicted the caches) cost far
     more than the arithmetic; NumPy's operations on such arrays cost about 1 us
     (benchmarks/dsgd_step.py)."""
-    G64 = G.detach().numpy().astype(np.float64)
+    W = GW.detach().numpy()
+    if gb is None:
+        G64 = W.astype(np.float64)
+    else:
+        G64 = np.empty((W.shape[0], W.shape[1] + 1))
+        G64[:, :-1] = W
+        G64[:, -1] = gb.detach().numpy()
+    if transposed:
+        G64 = np.ascontiguousarray(G64.T)
     r, c = G64.shape
     K = G64 @ G64.T
     lam, U = np.linalg.eigh(K)

@@ -299,7 +299,8 @@ class PolarDual(NamedTuple):
     ``kind`` "svd": ``core`` is rho_2(G) (F eq. 28, float64), ``data`` None; "factored": ``core``
     the m x m :class:`~smoothchain.dsgd.lowrank.PolarCore` of A [X | 1], ``data`` (A, X);
     "dense": ``core`` the core of the dense gradient, ``data`` (G, transposed); "small" (min(r, c)
-    <= 64): ``core`` the :class:`~smoothchain.dsgd.lowrank.SmallPolar` of the dense gradient."""
+    <= 64, CPU): ``core`` the :class:`~smoothchain.dsgd.lowrank.SmallPolar` of the dense
+    gradient, ``data`` (dtype, transposed)."""
 
     kind: str
     norm: float
@@ -317,11 +318,12 @@ def polar_dual(GW: Tensor, gb: Tensor | None, method: str, factors=None) -> Pola
         A, X = factors
         core = polar_core(A, X, ones_column=gb is not None)
         return PolarDual("factored", core.nuclear, core, (A, X))
+    r, c = GW.shape[0], GW.shape[1] + (0 if gb is None else 1)
+    transposed = r > c
+    if min(r, c) <= EXACT_NORM_MAX and GW.device.type == "cpu" and GW.dtype in (torch.float32, torch.float64):
+        sp = small_polar(GW, gb, transposed)
+        return PolarDual("small", sp.nuclear, sp, (GW.dtype, transposed))
     G = _matrix(GW, gb)
-    transposed = G.shape[0] > G.shape[1]
-    if min(G.shape) <= EXACT_NORM_MAX and G.device.type == "cpu" and G.dtype in (torch.float32, torch.float64):
-        sp = small_polar(G.T if transposed else G)
-        return PolarDual("small", sp.nuclear, sp, (G, transposed))
     core = polar_core(None, G.T if transposed else G)
     return PolarDual("dense", core.nuclear, core, (G, transposed))
 
@@ -345,13 +347,14 @@ def polar_direction(dual: PolarDual, GW: Tensor, gb: Tensor | None):
         A, X = dual.data
         return certified_direction(dual.core, A, X, (GW, gb) if gb is not None else GW,
                                    bias_column=gb is not None)
-    G, transposed = dual.data
     if dual.kind == "small":
-        Q, ip, bound = small_direction(dual.core, G.dtype)
+        dtype, transposed = dual.data
+        Q, ip, bound = small_direction(dual.core, dtype)
         if Q is None:
             return None, None, 0.0, 1.0
         Q = Q.T if transposed else Q
         return Q[:, :n], (Q[:, n] if gb is not None else None), ip, bound
+    G, transposed = dual.data
     Bm = G.T if transposed else G
     Q, _, ip, bound = certified_direction(dual.core, None, Bm, Bm)
     if Q is None:
@@ -438,12 +441,14 @@ def _factor_nuclear_bound(A: Tensor, X: Tensor, ones_column: bool) -> float:
     nonnegative products within gamma_{m+1} (all margins applied to the final float)."""
     m, n = X.shape
     r = A.shape[0]
-    a = torch.linalg.vector_norm(A, dim=0)
+    a = torch.linalg.vector_norm(A.T, dim=1)  # A = Delta^T: the contiguous rows of Delta
     x = torch.linalg.vector_norm(X, dim=1)
     if ones_column:
         x = torch.hypot(x, torch.ones((), dtype=x.dtype))
         n += 1
-    total, sum_a, sum_x = float(a.dot(x)), float(a.sum()), float(x.sum())
+    # the three sums in one product: [a; 1] [x, 1]^T = [[a.x, sum a], [sum x, m]]
+    ones = torch.ones(m, dtype=a.dtype)
+    (total, sum_a), (sum_x, _) = (torch.stack((a, ones)) @ torch.stack((x, ones)).T).tolist()
     dtype = X.dtype
     tiny = torch.finfo(dtype).tiny
     ea, ex = math.sqrt(r * tiny), math.sqrt(n * tiny)
