@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -550,10 +551,10 @@ def dsgd_update(weights: Sequence[Tensor], biases: Sequence[Tensor | None],
     ``method`` "auto"/"gram"/"svd" as for :class:`DSGD`, ``records[i]`` the (input, output
     gradient) pairs hooked for layer i (None: dense route), ``probes`` a per-layer cache of the
     records' probe vectors, ``untouched[i]`` whether layer i's weight gradient is known to be
-    autograd's, unmodified, from the recorded passes (:func:`low_rank_factors`).  q = 1, inf: ``abs_buffers`` per-layer scratch buffers for large
-    layers (None: temporaries), ``screened`` the q = 1 screening flags (default
-    :func:`sign_screened`).  The caller keeps whatever state it needs (weight-norm bounds from
-    ``step_norms``)."""
+    autograd's, unmodified, from the recorded passes (:func:`low_rank_factors`).  q = 1, inf:
+    ``abs_buffers`` per-layer scratch buffers for large layers (None: temporaries),
+    ``screened`` the q = 1 screening flags (default :func:`sign_screened`).  The caller keeps
+    whatever state it needs (weight-norm bounds from ``step_norms``)."""
     K = len(weights)
     duals: PolarDuals | SignDuals
     if q == 2.0:
@@ -772,8 +773,8 @@ class DSGD(torch.optim.Optimizer):
         seen, records = self._seen, self._records
 
         def watch(param):
-            g = param.grad
-            seen[i] = (g, g._version, len(records[i])) if g is not None else None
+            g = param.grad  # held weakly: an old gradient is not kept alive by the watch
+            seen[i] = (weakref.ref(g), g._version, len(records[i])) if g is not None else None
 
         return watch
 
@@ -784,7 +785,7 @@ class DSGD(torch.optim.Optimizer):
         pass.  Records of a pass that did not reach ``.grad`` (another ``zero_grad``) are caught
         by the bias test of :func:`low_rank_factors`."""
         seen, g = self._seen[i], self._W[i].grad
-        return (seen is not None and g is seen[0] and g._version == seen[1]
+        return (seen is not None and g is not None and g is seen[0]() and g._version == seen[1]
                 and seen[2] == len(self._records[i]))
 
     def remove_hooks(self) -> None:
