@@ -10,8 +10,12 @@ backward pass through one recorded gradient graph) against
   which="LM", tol, v0)``: ARPACK's implicitly restarted Lanczos, products by forward-over-reverse
   ``torch.func``; ``check_deterministic=False`` so its set-up checks are not timed),
 
-each installed with ``pip install --no-deps`` (so that torch is never touched) before this runs;
-``.ci``'s environment does not need them.  A missing package is reported as such, with no ratio.
+installed without dependencies (so that torch is never touched) before this runs, with
+
+    pip install --no-deps pyhessian curvlinops-for-pytorch backpack-for-pytorch linear_operator \
+        einops einconv opt-einsum tqdm jaxtyping typeguard
+
+(``.ci``'s environment does not need them).  A missing package is reported as such, with no ratio.
 
 Two networks, batch 128, float32, PyTorch's default initialisation, inputs uniform in [0, 1] and
 random labels, cross-entropy (mean): ``cnn`` -- LeNet-5 for 3x32x32 images (conv 6@5x5, tanh,
@@ -72,8 +76,8 @@ def optional(name: str):
     try:
         return importlib.import_module(name)
     except Exception as err:  # missing, or does not import with this torch
-        print(f"top_eigenvalue: {name} unavailable ({type(err).__name__}: {err}); "
-              f"install it with: pip install --no-deps {name}", file=sys.stderr)
+        print(f"top_eigenvalue: {name} unavailable ({type(err).__name__}: {err}); install it as the "
+              f"module docstring says (pip install --no-deps ..., torch untouched)", file=sys.stderr)
         return None
 
 
