@@ -41,6 +41,7 @@ smoothchain is faster.  Usage: ``python benchmarks/top_eigenvalue.py [--repeats 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import json
 import sys
@@ -142,24 +143,15 @@ class Methods:
 
 
 def reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    m64 = _copy(model).double()
+    m64 = copy.deepcopy(model).double()
     w = flat_parameters(m64)
     return hessian_top_eig(objective(m64, x.double(), y), w, iters=2000, tol=1e-10).value
 
 
-def _copy(model: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model)
-
-
-def best(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+def seconds_of(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def loosest(run: Callable[[float], float], ref: float, target: float) -> tuple[float | None, float]:
@@ -205,7 +197,7 @@ def bench_network(name: str, args, pyhessian, curvlinops) -> dict:
     seconds = {k: [] for k in timed}
     for _ in range(args.repeats):  # interleaved rounds
         for key, tol in timed.items():
-            seconds[key].append(best(lambda: available[key](tol), 1))
+            seconds[key].append(seconds_of(lambda: available[key](tol)))
     for key in timed:
         cold[key]["seconds"] = min(seconds[key])
     out["cold"] = cold

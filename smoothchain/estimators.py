@@ -30,6 +30,7 @@ Costs and the math are in ``docs/estimators.md``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -215,12 +216,15 @@ def _hvp(F: Scalar, w: Tensor) -> Callable[[Tensor], Tensor]:
     PyTorch's double backward of a convolution computes anyway (0.75x the product's time on a
     LeNet-5)."""
     w_ = w.detach().clone().requires_grad_(True)
+
+    def gradient(mode) -> Tensor:
+        with torch.enable_grad(), mode:
+            return torch.autograd.grad(F(w_), w_, create_graph=True)[0]
+
     try:  # the data's convolutions without their unneeded input gradients (see .data_conv)
-        with torch.enable_grad(), DataConvolutions():
-            (g,) = torch.autograd.grad(F(w_), w_, create_graph=True)
+        g = gradient(DataConvolutions())
     except (RuntimeError, NotImplementedError):  # e.g. an F that runs torch.func transforms
-        with torch.enable_grad():
-            (g,) = torch.autograd.grad(F(w_), w_, create_graph=True)
+        g = gradient(contextlib.nullcontext())
 
     def hvp(v: Tensor) -> Tensor:
         if not g.requires_grad:  # F affine in w: H = 0

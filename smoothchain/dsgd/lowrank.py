@@ -238,10 +238,10 @@ def small_direction(sp: SmallPolar, dtype: torch.dtype):
     """
     if sp.M is None:
         return None, 0.0, 1.0
-    r, c = sp.G64.shape
-    Q = (sp.M @ sp.G64).astype(np.float32 if dtype == torch.float32 else np.float64)
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"small_direction: float32 or float64 layers only, got {dtype}")
+    r, c = sp.G64.shape
+    Q = (sp.M @ sp.G64).astype(np.float32 if dtype == torch.float32 else np.float64)
     Qd = Q.astype(np.float64)
     C = Qd @ Qd.T
     top = float(np.linalg.eigvalsh(C)[-1])
